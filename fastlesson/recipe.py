@@ -1,0 +1,452 @@
+"""The fast.ai lesson-2 recipe, end to end: `run_recipe(RecipeConfig(...)) -> RecipeResult`.
+
+The eight steps (DESIGN.md), each printed with a header and a one-line result:
+ 1. data with augmentation and a pretrained backbone        5. unfreeze all layers
+ 2. LR range test (frozen body)                             6. discriminative LRs (3x-10x per group)
+ 3. train the head on precomputed activations               7. LR range test again (unfrozen)
+ 4. train the head with augmentation (SGDR, cycle_len=1)    8. full network, SGDR cycle_mult=2, until
+                                                               validation loss stops improving
+Outputs go to `cfg.out`: config.json, metrics.json, history.csv, PNG plots, report.md, the safe bundle
+(model.safetensors + model.json) and fastai's export.pkl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.torch_core import set_seed
+
+from fastlesson import report
+from fastlesson.export import export_bundle, export_learner, write_json
+from fastlesson.finder import find_lr
+from fastlesson.models import create_learner
+from fastlesson.optim import OPTIMIZERS, opt_func
+from fastlesson.schedule import (
+    fit_one_cycle,
+    fit_sgdr,
+    freeze,
+    lr_groups,
+    n_groups,
+    sgdr_cycle_lengths,
+    unfreeze,
+)
+
+N_STEPS = 8
+TTA_N = 4  # augmented passes averaged by fastai's tta (its default), plus one plain pass
+SMOKE = {"size": 32, "bs": 16, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
+         "lr_find_iters": 32, "top_losses": 4}  # seconds-long run that still makes every output
+MIN_LR_FIND_ITERS = 24  # find_lr needs 16 points after dropping the first 10% and the last 5
+
+
+@dataclass
+class RecipeConfig:
+    """Everything a recipe run depends on; written to config.json as the effective configuration."""
+
+    data: str = "sample"  # "sample" (shipped, offline) | "flowers" | "cifar10" | "cifar100" | a folder
+    arch: str = "tf_efficientnet_lite0"  # torchvision or timm name; lite0 has offline ImageNet weights
+    size: int = 160  # px, side of the square training input
+    bs: int = 32  # images per batch
+    opt: str = "adam"  # adam | sgd | radam | lookahead-radam | ranger (fastlesson.optim.opt_func)
+    epochs_max: int = 7  # epochs, upper bound of step 8 (SGDR cycles of 1, 2, 4 epochs = 7)
+    seed: int = 42  # seeds the split, the initial head and the batch order
+    out: str | None = None  # output folder; None -> runs/<data>-<arch>-<YYYYmmdd-HHMMSS>
+    precompute: bool = True  # step 3 on cached body activations (False: full forward passes)
+    pretrained: bool = True  # ImageNet weights for the body (False: train from scratch)
+    hard_mining: float | None = None  # fraction of each batch up-weighted x2 (HardExampleMining); None off
+    smoke: bool = False  # tiny, seconds-long run with every step and output (for tests)
+    precompute_epochs: int = 2  # epochs of step 3 (the lesson: 1-2)
+    head_cycles: int = 2  # SGDR cycles of 1 epoch in step 4 (the lesson: 2-3)
+    lr_factor: float = 3.0  # each earlier layer group trains this many times slower (the lesson: 3-10)
+    lr_find_iters: int = 100  # batches per LR range test
+    tta: bool = True  # also report accuracy with fastai's test-time augmentation
+    valid_pct: float = 0.2  # fraction held out when the data has no validation folder
+    num_workers: int = 0  # DataLoader worker processes (0 = in-process, safest on small machines)
+    top_losses: int = 9  # images in the top-losses plot
+
+    def validate(self) -> RecipeConfig:
+        """ValueError naming the first bad field and what to use instead."""
+        checks = [
+            ("size", self.size, isinstance(self.size, int) and self.size >= 16, "an integer >= 16 (px)"),
+            ("bs", self.bs, isinstance(self.bs, int) and self.bs >= 1, "an integer >= 1"),
+            ("epochs_max", self.epochs_max, isinstance(self.epochs_max, int) and self.epochs_max >= 1,
+             "an integer >= 1 (epochs of step 8)"),
+            ("precompute_epochs", self.precompute_epochs,
+             isinstance(self.precompute_epochs, int) and self.precompute_epochs >= 1, "an integer >= 1"),
+            ("head_cycles", self.head_cycles, isinstance(self.head_cycles, int) and self.head_cycles >= 1,
+             "an integer >= 1"),
+            ("lr_factor", self.lr_factor, isinstance(self.lr_factor, (int, float)) and self.lr_factor >= 1,
+             "a number >= 1 (the lesson uses 3-10)"),
+            ("lr_find_iters", self.lr_find_iters,
+             isinstance(self.lr_find_iters, int) and self.lr_find_iters >= MIN_LR_FIND_ITERS,
+             f"an integer >= {MIN_LR_FIND_ITERS}"),
+            ("hard_mining", self.hard_mining, self.hard_mining is None or 0 < self.hard_mining <= 1,
+             "a fraction in (0, 1], e.g. 0.25, or None"),
+            ("opt", self.opt, str(self.opt).lower() in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+        ]
+        for name, value, ok, fix in checks:
+            if not ok:
+                raise ValueError(f"RecipeConfig.{name}={value!r} is not valid: use {fix}")
+        return self
+
+    def effective(self) -> RecipeConfig:
+        """The config actually run: smoke overrides applied and `out` resolved."""
+        cfg = dataclasses.replace(self, **SMOKE) if self.smoke else dataclasses.replace(self)
+        if cfg.out is None:
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(cfg.data)).name or str(cfg.data))
+            cfg.out = str(Path("runs") / f"{name}-{cfg.arch.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return cfg.validate()
+
+
+@dataclass
+class RecipeResult:
+    """What a run produced: numbers per step, final accuracy, the trained learner and its files."""
+
+    out: Path
+    config: RecipeConfig
+    steps: list[dict]
+    accuracy: float
+    accuracy_tta: float | None
+    valid_loss: float
+    learn: object = field(repr=False)
+    history: list[dict] = field(repr=False, default_factory=list)
+    metrics: dict = field(repr=False, default_factory=dict)
+    files: dict[str, Path] = field(repr=False, default_factory=dict)
+
+
+class _RunLog(Callback):
+    """Records, while `step` is set, every training batch's per-group LRs and every epoch's numbers."""
+
+    order = 51  # after fastai's Recorder (50) has stored the epoch's values
+    run_valid = False
+
+    def __init__(self):
+        self.step, self.lrs, self.rows, self.epoch_no = None, [], [], 0
+
+    def before_epoch(self):
+        self._t0 = time.perf_counter()
+
+    def after_batch(self):
+        if self.step is not None and self.training:
+            self.lrs.append([float(h["lr"]) for h in self.opt.hypers])
+
+    def after_epoch(self):
+        if self.step is None or not self.recorder.values:
+            return
+        names = self.recorder.metric_names[1:]
+        row = dict(zip(names, (float(v) if v is not None else None for v in self.recorder.values[-1])))
+        self.epoch_no += 1
+        self.rows.append({"step": self.step, "epoch": self.epoch_no, "step_epoch": self.epoch + 1,
+                          "train_loss": row.get("train_loss"), "valid_loss": row.get("valid_loss"),
+                          "accuracy": row.get("accuracy"), "lr": self.lrs[-1][-1] if self.lrs else None,
+                          "seconds": round(time.perf_counter() - self._t0, 3)})
+
+
+class _BestWeights(Callback):
+    """In-memory copy of the weights at the lowest validation loss seen (across several fits)."""
+
+    order = 52
+
+    def __init__(self, model, valid_loss: float):
+        self.best, self.state, self.improved = valid_loss, _state_copy(model), False
+
+    def after_epoch(self):
+        loss = float(self.recorder.values[-1][1]) if self.recorder.values else math.nan
+        if math.isfinite(loss) and loss < self.best:
+            self.best, self.state, self.improved = loss, _state_copy(self.model), True
+
+
+def _state_copy(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class _Steps:
+    """Prints step headers and one-line results; collects per-step metrics and LR segments."""
+
+    def __init__(self, log: _RunLog):
+        self.log, self.steps, self.segments = log, [], []
+
+    def start(self, i: int, title: str, name: str):
+        print(f"\nStep {i}/{N_STEPS}: {title}", flush=True)
+        self.cur = {"index": i, "name": name, "title": title}
+        self.log.step, self._n_rows, self._n_lrs = name, len(self.log.rows), len(self.log.lrs)
+        self._t0 = time.perf_counter()
+
+    def done(self, summary: str, lrs=None, **values) -> dict:
+        """Close the step: numbers from the epochs it trained (unless given), print one line."""
+        rows = self.log.rows[self._n_rows:]
+        step = self.cur
+        step.update({"seconds": round(time.perf_counter() - self._t0, 2), "epochs": len(rows)})
+        if rows:
+            step.update({k: rows[-1][k] for k in ("train_loss", "valid_loss", "accuracy")})
+        step.update(values)
+        seg = np.asarray(self.log.lrs[self._n_lrs:] if lrs is None else lrs, dtype=float)
+        if seg.size:
+            self.segments.append((step["name"], seg))
+        self.log.step = None
+        self.steps.append(step)
+        print(f"  -> {summary} ({step['seconds']:.1f} s)", flush=True)
+        return step
+
+
+def _acc_text(step: dict) -> str:
+    acc, vl = step.get("accuracy"), step.get("valid_loss")
+    return "" if acc is None else f", valid loss {vl:.3f}, accuracy {100 * acc:.1f}%"
+
+
+def _lr_range_test(learn, cfg, png: Path, fallback: float, **kw) -> dict:
+    """find_lr + its plot; if the test cannot suggest (tiny or wild data), `fallback`, said loudly."""
+    try:
+        res = find_lr(learn, num_it=cfg.lr_find_iters, **kw)
+    except ValueError as e:
+        print(f"  WARNING: the LR range test could not suggest an LR ({e}); using lr {fallback:.2e}")
+        return {"suggestion": float(fallback), "stop_reason": "failed", "error": str(e),
+                "summary": f"no suggestion, fallback lr {fallback:.2e}"}
+    res.plot(png)
+    return {"suggestion": float(res.suggestion), "stop_reason": res.stop_reason,
+            "suggestions": {k: float(v) for k, v in res.suggestions.items()},
+            "group_lrs": None if res.group_lrs is None else [float(v) for v in res.group_lrs],
+            "plot": png.name,
+            "summary": f"suggested lr {res.suggestion:.2e} ({res.stop_reason} after {len(res.lrs)} "
+                       f"batches; fastai's valley {res.suggestions['valley']:.2e})"}
+
+
+def _precompute_step(learn, cfg, steps: _Steps, lr: float, out: Path) -> None:
+    """Step 3: head on cached body activations (or, with precompute off, full forward passes)."""
+    if not cfg.precompute:
+        fit_one_cycle(learn, cfg.precompute_epochs, lr_max=lr)
+        st = steps.done(f"{cfg.precompute_epochs} epoch(s) one-cycle at lr {lr:.2e}, no precompute",
+                        lr=None, lr_max=lr, note="precompute off")
+        print(f"     {_acc_text(st)[2:]}")
+        return
+    from fastlesson.precompute import precompute_head
+
+    res = precompute_head(learn, cfg.precompute_epochs, lr_max=lr, cache_dir=out / "cache", bs=cfg.bs)
+    lrs = getattr(res, "lrs", None)
+    vals = {k: _num(getattr(res, k, None)) for k in ("train_loss", "valid_loss", "accuracy")}
+    extra = {k: _num(getattr(res, k, None)) for k in ("seconds_cache", "seconds_train")}
+    hist = getattr(res, "history", None) or []
+    for i, h in enumerate(hist):  # per-epoch rows when the core gives them, else one summary row
+        steps.log.epoch_no += 1
+        steps.log.rows.append({"step": "precompute", "epoch": steps.log.epoch_no, "step_epoch": i + 1,
+                               **{k: _num(h.get(k)) for k in ("train_loss", "valid_loss", "accuracy")},
+                               "lr": lr})
+    if not hist:
+        steps.log.epoch_no += 1
+        steps.log.rows.append({"step": "precompute", "epoch": steps.log.epoch_no,
+                               "step_epoch": int(getattr(res, "epochs", cfg.precompute_epochs)),
+                               **vals, "lr": lr})
+    st = steps.done(f"{getattr(res, 'epochs', cfg.precompute_epochs)} epoch(s) at lr {lr:.2e}"
+                    f"{_acc_text(vals)}, cache {'hit' if getattr(res, 'cache_hit', False) else 'built'}",
+                    lrs=lrs if lrs is not None else [], lr_max=lr,
+                    epochs=int(getattr(res, "epochs", cfg.precompute_epochs)), **vals, **extra)
+    st["cache_hit"] = bool(getattr(res, "cache_hit", False))
+
+
+def _num(v):
+    """Plain float (or None) from a tensor/number, for JSON."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _hard_mining_cbs(cfg) -> list:
+    if cfg.hard_mining is None:
+        return []
+    from fastlesson.callbacks import HardExampleMining
+
+    return [HardExampleMining(frac=cfg.hard_mining)]
+
+
+def _device_text() -> str:
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)} (mixed precision)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
+    """Run the eight steps of the lesson-2 recipe and write every output into `cfg.out`."""
+    from fastlesson.data import load_data
+
+    cfg = (cfg or RecipeConfig()).effective()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    set_seed(cfg.seed)
+    t_run = time.perf_counter()
+    log = _RunLog()
+    steps = _Steps(log)
+    mining = _hard_mining_cbs(cfg)
+    lrf = {}
+    print(f"fastlesson recipe: data={cfg.data} arch={cfg.arch} size={cfg.size}px bs={cfg.bs} "
+          f"opt={cfg.opt} on {_device_text()}; outputs in {out}")
+
+    # 1. data with augmentation, pretrained backbone
+    steps.start(1, "data with augmentation and a pretrained backbone", "data")
+    data = load_data(cfg.data, size=cfg.size, bs=cfg.bs, seed=cfg.seed, valid_pct=cfg.valid_pct,
+                     num_workers=cfg.num_workers)
+    dls = data.dls
+    learn = create_learner(dls, arch=cfg.arch, pretrained=cfg.pretrained, opt_func=opt_func(cfg.opt))
+    learn.add_cb(log)
+    if torch.cuda.is_available():
+        learn.to_fp16()  # mixed precision on GPU; CPU stays fp32
+    n_train, n_valid = len(dls.train_ds), len(dls.valid_ds)
+    freeze(learn, verbose=False)
+    skipped = [(str(p), str(r)) for p, r in (getattr(data, "skipped", None) or [])]
+    steps.done(f"{len(dls.vocab)} classes, {n_train} train / {n_valid} valid images"
+               f"{f', {len(skipped)} unreadable skipped' if skipped else ''}; {cfg.arch} "
+               f"({'ImageNet weights' if cfg.pretrained else 'from scratch'}), {n_groups(learn)} layer groups",
+               n_classes=len(dls.vocab), n_train=n_train, n_valid=n_valid, n_skipped=len(skipped))
+
+    # 2. LR range test on the frozen model (head only trains)
+    steps.start(2, "LR range test with the body frozen", "lr_find_head")
+    lrf["head"] = _lr_range_test(learn, cfg, out / "lr_find_head.png", fallback=learn.lr)
+    lr_head = lrf["head"]["suggestion"]
+    steps.done(lrf["head"]["summary"], lrs=[], lr=lr_head)
+
+    # 3. head on precomputed activations
+    steps.start(3, "train the head on precomputed activations" if cfg.precompute
+                else "train the head (precompute off: full forward passes)", "precompute")
+    _precompute_step(learn, cfg, steps, lr_head, out)
+
+    # 4. head with augmentation, SGDR cycle_len=1
+    steps.start(4, "train the head with augmentation (SGDR, cycle_len=1)", "head_sgdr")
+    fit_sgdr(learn, n_cycles=cfg.head_cycles, cycle_len=1, cycle_mult=1, lr_max=lr_head, cbs=mining)
+    st = steps.done(f"{cfg.head_cycles} cycle(s) of 1 epoch at lr {lr_head:.2e}", lr=lr_head)
+    print(f"     {_acc_text(st)[2:]}")
+
+    # 5. unfreeze
+    steps.start(5, "unfreeze all layers", "unfreeze")
+    n_train_groups = unfreeze(learn, verbose=False)
+    n_params = sum(p.numel() for p in learn.model.parameters() if p.requires_grad)
+    steps.done(f"{n_train_groups} layer groups trainable, {n_params / 1e6:.2f} M parameters",
+               lrs=[], trainable_groups=n_train_groups)
+
+    # 6. discriminative LRs
+    steps.start(6, f"discriminative learning rates ({cfg.lr_factor:g}x lower per earlier group)",
+                "discriminative")
+    ratios = lr_groups(learn, 1.0, factor=cfg.lr_factor)
+    steps.done("LR ratios by group (early body -> head): " + " : ".join(f"{r:.3g}" for r in ratios),
+               lrs=[], ratios=[float(r) for r in ratios])
+
+    # 7. LR range test again, unfrozen, keeping the ratios
+    steps.start(7, "LR range test again on the unfrozen model", "lr_find_full")
+    lrf["full"] = _lr_range_test(learn, cfg, out / "lr_find_full.png", fallback=lr_head / 10,
+                                 lr_ratios=ratios.tolist())
+    # never above the head's LR: a higher LR on a trained head undoes the work of steps 3-4
+    lr_top = min(lrf["full"]["suggestion"], lr_head)
+    lrs_full = ratios * lr_top
+    capped = lr_top < lrf["full"]["suggestion"]
+    steps.done(lrf["full"]["summary"] + (" (capped at the head LR)" if capped else "") + "; group LRs "
+               + " / ".join(f"{v:.1e}" for v in lrs_full), lrs=[], lr=[float(v) for v in lrs_full],
+               capped_at_head_lr=capped)
+
+    # 8. full network, SGDR cycle_mult=2, until validation loss stops improving
+    steps.start(8, "train the full network (SGDR, cycle_mult=2) until it overfits", "full_sgdr")
+    base_loss = next((r["valid_loss"] for r in reversed(log.rows) if r.get("valid_loss") is not None),
+                     math.inf)
+    best = _BestWeights(learn.model, base_loss)
+    epochs, cycle, why = 0, 0, ""
+    while True:
+        length = sgdr_cycle_lengths(cycle + 1, 1, 2)[-1]
+        if epochs + length > cfg.epochs_max:
+            why = f"the next cycle ({length} epochs) would pass epochs_max={cfg.epochs_max}"
+            break
+        best.improved = False
+        print(f"  cycle {cycle + 1}: {length} epoch(s)")
+        fit_sgdr(learn, n_cycles=1, cycle_len=length, cycle_mult=2, lr_max=lrs_full,
+                 cbs=[best, *mining])
+        epochs, cycle = epochs + length, cycle + 1
+        if not best.improved:
+            why = f"validation loss did not improve in cycle {cycle} (overfitting starts)"
+            break
+    learn.model.load_state_dict(best.state)  # best epoch of step 8 (or its start if none was better)
+    st = steps.done(f"{cycle} cycle(s), {epochs} epochs; stopped: {why}; best valid loss "
+                    f"{best.best:.3f} restored", lr=[float(v) for v in lrs_full], cycles=cycle,
+                    stopped=why, best_valid_loss=_num(best.best))
+    learn.remove_cb(log)
+
+    # final evaluation, plots, report, export
+    print("\nEvaluating on the validation set", flush=True)
+    final, plots = _evaluate_and_plot(learn, cfg, out, steps, log.rows, lrf)
+    metrics = {"steps": steps.steps, "final": final, "lr_find": lrf,
+               "seconds_total": round(time.perf_counter() - t_run, 1), "device": _device_text(),
+               "skipped": skipped}
+    files = _export(learn, cfg, out, final, metrics)
+    write_json(out / "metrics.json", metrics)
+    report.write_history_csv(log.rows, out / "history.csv")
+    report.write_report(out, dataclasses.asdict(cfg), metrics, plots)
+    files.update({k: out / v for k, v in plots.items()})
+    files.update({k: out / f"{k}.{ext}" for k, ext in
+                  (("config", "json"), ("metrics", "json"), ("history", "csv"), ("report", "md"))})
+    tta_txt = "" if final["accuracy_tta"] is None else f", {100 * final['accuracy_tta']:.1f}% with TTA"
+    print(f"\nDone in {metrics['seconds_total']:.0f} s: validation accuracy {100 * final['accuracy']:.1f}%"
+          f"{tta_txt}. Report: {out / 'report.md'}")
+    return RecipeResult(out=out, config=cfg, steps=steps.steps, accuracy=final["accuracy"],
+                        accuracy_tta=final["accuracy_tta"], valid_loss=final["valid_loss"], learn=learn,
+                        history=log.rows, metrics=metrics, files=files)
+
+
+def _evaluate_and_plot(learn, cfg, out: Path, steps: _Steps, history, lrf) -> tuple[dict, dict]:
+    """Final accuracy (with and without TTA) and every plot; returns (final metrics, {plot: file})."""
+    preds, targs, losses = learn.get_preds(with_loss=True)
+    pred_idx = preds.argmax(1)
+    classes = [str(c) for c in learn.dls.vocab]
+    final = {"accuracy": float((pred_idx == targs).float().mean()), "valid_loss": float(losses.mean()),
+             "accuracy_tta": None, "n_valid": len(targs), "n_classes": len(classes)}
+    if cfg.tta:
+        tp, tt = learn.tta(n=2 if cfg.smoke else TTA_N)
+        final["accuracy_tta"] = float((tp.argmax(1) == tt).float().mean())
+    cm = report.confusion_matrix(targs.numpy(), pred_idx.numpy(), len(classes))
+    final["most_confused"] = report.most_confused(cm, classes, k=10)
+    plots = {k: v["plot"] for k, v in (("lr_find_head", lrf["head"]), ("lr_find_full", lrf["full"]))
+             if "plot" in v}
+    report.plot_lr_schedule(steps.segments, out / "lr_schedule.png")
+    report.plot_losses(history, out / "losses.png")
+    report.plot_confusion(cm, classes, out / "confusion.png")
+    plots.update({"lr_schedule": "lr_schedule.png", "losses": "losses.png", "confusion": "confusion.png"})
+    k = min(cfg.top_losses, len(losses))
+    top = losses.topk(k).indices.tolist()
+    images = [_thumb(learn.dls.valid_ds, i, cfg.size) for i in top]
+    if all(im is not None for im in images):
+        report.plot_top_losses(images, [classes[targs[i]] for i in top], [classes[pred_idx[i]] for i in top],
+                               [float(preds[i].max()) for i in top], [float(losses[i]) for i in top],
+                               out / "top_losses.png")
+        plots["top_losses"] = "top_losses.png"
+    return final, plots
+
+
+def _thumb(ds, i: int, size: int):
+    """The i-th validation image as an RGB array about `size` px wide (None if it is not a PIL image)."""
+    x = ds[i][0]
+    if not hasattr(x, "convert"):
+        return None
+    img = x.convert("RGB")
+    img.thumbnail((size * 2, size * 2))
+    return np.asarray(img)
+
+
+def _export(learn, cfg, out: Path, final: dict, metrics: dict) -> dict:
+    """Safe bundle always; fastai's export.pkl too (its failure is reported, not fatal)."""
+    if torch.cuda.is_available():
+        learn.to_fp32()  # export plain fp32 weights, loadable on CPU
+    files = {"model.json": export_bundle(learn, out, arch=cfg.arch,
+                                         extra={"data": str(cfg.data), "accuracy": final["accuracy"]})}
+    files["model.safetensors"] = out / "model.safetensors"
+    try:
+        files["export.pkl"] = export_learner(learn, out / "export.pkl")
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        metrics["export_pkl_error"] = f"{type(e).__name__}: {e}"
+        print(f"WARNING: fastai export.pkl failed ({metrics['export_pkl_error']}); "
+              "the safe bundle model.safetensors + model.json was written")
+    print(f"Exported: {', '.join(sorted(files))} in {out}")
+    return files

@@ -1,0 +1,451 @@
+"""Callbacks: exact hard-example weighting, and plateau/early-stop/checkpoint/NaN callbacks vs plain fastai."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.tracker import (
+    EarlyStoppingCallback,
+    ReduceLROnPlateau,
+    SaveModelCallback,
+    TerminateOnNaNCallback,
+)
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.optimizer import SGD, OptimWrapper
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fastlesson.callbacks import (
+    BestCheckpoint,
+    EarlyStopping,
+    HardExampleMining,
+    NonFiniteGuard,
+    PlateauLR,
+)
+
+NB = 4  # batches per epoch of the tiny learner: 64 examples / bs 16
+
+
+# ---------- helpers ----------
+
+class FeedMonitor(Callback):
+    """Overwrite the monitored value of each epoch with a fixed sequence (runs after Recorder, before trackers)."""
+    order = 55
+
+    def __init__(self, values, monitor="valid_loss"):
+        self.values, self.monitor = values, monitor
+
+    def after_epoch(self):
+        idx = list(self.recorder.metric_names[1:]).index(self.monitor)
+        self.recorder.values[-1][idx] = self.values[self.epoch]
+
+
+class ProbeLR(Callback):
+    """Record the LR each torch param group really has when the optimizer steps."""
+    order = 90
+
+    def before_fit(self):
+        self.lrs = []
+
+    def before_step(self):
+        opt = self.learn.opt
+        groups = opt.opt.param_groups if isinstance(opt, OptimWrapper) else None
+        if groups is not None:
+            self.lrs.append([g["lr"] for g in groups])
+        else:
+            self.lrs.append([h["lr"] for h in opt.hypers])
+
+
+class SnapEpochs(Callback):
+    """Copy the weights at the end of every epoch."""
+    order = 50
+
+    def before_fit(self):
+        self.snaps = []
+
+    def after_epoch(self):
+        self.snaps.append({k: v.detach().clone() for k, v in self.learn.model.state_dict().items()})
+
+
+def same_state(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def current_state(learn):
+    return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+
+
+# ---------- HardExampleMining ----------
+
+LOGITS = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+TARGETS = torch.tensor([0, 1, 2, 0])
+
+
+def hand_ce():
+    """Cross-entropy of LOGITS/TARGETS written out by hand: logsumexp(x) - x[y]."""
+    rows = LOGITS.tolist()
+    return [math.log(sum(math.exp(v) for v in r)) - r[int(y)] for r, y in zip(rows, TARGETS)]
+
+
+def hand_ls(eps=0.1):
+    """fastai's label-smoothing CE per example: (1-eps)*nll + eps/c * sum_j -log p_j."""
+    out = []
+    for r, y in zip(LOGITS.tolist(), TARGETS):
+        lse = math.log(sum(math.exp(v) for v in r))
+        logp = [v - lse for v in r]
+        out.append((1 - eps) * -logp[int(y)] + eps / len(r) * -sum(logp))
+    return out
+
+
+class Scale(nn.Module):
+    """pred = x * p with p = 1: the predictions are exactly the hand-made logits."""
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.p
+
+
+class ProbeLoss(Callback):
+    """Record what is back-propagated, what is logged, and the gradient it produces."""
+    order = 50
+
+    def before_fit(self):
+        self.rows = []
+
+    def after_loss(self):
+        self.rows.append(dict(training=self.training, epoch=self.epoch,
+                              loss_grad=float(self.learn.loss_grad.detach()), loss=float(self.learn.loss.detach())))
+
+    def after_backward(self):
+        self.rows[-1]["grad"] = float(self.learn.model.p.grad)
+
+
+def hand_learner(loss_func, cbs=()):
+    ds = TensorDataset(LOGITS.clone(), TARGETS.clone())
+    dls = DataLoaders.from_dsets(ds, ds, bs=4, shuffle=False, device="cpu")
+    return Learner(dls, Scale(), loss_func=loss_func, opt_func=SGD, lr=0.0, cbs=list(cbs))
+
+
+LOSSES = {
+    "CrossEntropyLossFlat": (CrossEntropyLossFlat, hand_ce),
+    "nn.CrossEntropyLoss": (nn.CrossEntropyLoss, hand_ce),
+    "F.cross_entropy": (lambda: F.cross_entropy, hand_ce),
+    "LabelSmoothingCrossEntropyFlat": (LabelSmoothingCrossEntropyFlat, hand_ls),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("frac,weight,hard", [(0.5, 3.0, {2, 3}), (0.25, 2.0, {3}), (0.3, 4.0, {2, 3})])
+def test_hard_mining_weighting_exact(loss_name, frac, weight, hard):
+    make_loss, hand = LOSSES[loss_name]
+    probe, hem = ProbeLoss(), HardExampleMining(frac=frac, weight=weight)
+    learn = hand_learner(make_loss(), cbs=[hem, probe])
+    learn.fit(1)
+    l = hand()  # noqa: E741
+    w = [weight if i in hard else 1.0 for i in range(4)]
+    expected = sum(wi * li for wi, li in zip(w, l)) / sum(w)
+    train = [r for r in probe.rows if r["training"]][0]
+    assert set(hem.last_hard_idx.tolist()) == hard  # ceil(frac * 4) highest-loss examples
+    assert hem.last_weights.tolist() == w
+    assert train["loss_grad"] == pytest.approx(expected, abs=1e-6)
+    assert train["loss"] == pytest.approx(sum(l) / 4, abs=1e-6)  # logged train loss unchanged
+    # the weighted loss is what is back-propagated: its gradient w.r.t. p by autograd
+    p = torch.ones((), requires_grad=True)
+    losses = F.cross_entropy(LOGITS * p, TARGETS, reduction="none") if hand is hand_ce else \
+        LabelSmoothingCrossEntropyFlat(reduction="none")(LOGITS * p, TARGETS)
+    ((torch.tensor(w) * losses).sum() / sum(w)).backward()
+    assert train["grad"] == pytest.approx(float(p.grad), abs=1e-6)
+
+
+def test_hard_mining_warmup_and_validation_unaffected():
+    probe = ProbeLoss()
+    learn = hand_learner(CrossEntropyLossFlat(), cbs=[HardExampleMining(0.5, 3.0, warmup_epochs=1), probe])
+    learn.fit(2)
+    l = hand_ce()  # noqa: E741
+    mean, weighted = sum(l) / 4, (l[0] + l[1] + 3 * l[2] + 3 * l[3]) / 8
+    train = [r for r in probe.rows if r["training"]]
+    valid = [r for r in probe.rows if not r["training"]]
+    assert train[0]["epoch"] == 0 and train[0]["loss_grad"] == pytest.approx(mean, abs=1e-6)  # warm-up
+    assert train[1]["epoch"] == 1 and train[1]["loss_grad"] == pytest.approx(weighted, abs=1e-6)
+    assert len(valid) == 2 and all(r["loss_grad"] == pytest.approx(mean, abs=1e-6) for r in valid)
+    assert [v[0] for v in learn.recorder.values] == pytest.approx([mean, mean], abs=1e-5)  # valid_loss (fp32 mean)
+
+
+def test_hard_mining_after_mixed_precision():
+    # MixedPrecision leaves autocast in after_loss and scales loss_grad in before_backward: mining must
+    # run between the two, so the weighted loss is the one that is scaled and back-propagated.
+    assert MixedPrecision.order < HardExampleMining.order
+    probe = ProbeLoss()
+    learn = hand_learner(CrossEntropyLossFlat(), cbs=[HardExampleMining(0.5, 3.0), probe])
+    with pytest.warns(UserWarning):  # CPU here: AMP disables itself with a warning, the events still run
+        learn.to_fp16()
+        learn.fit(1)
+    l = hand_ce()  # noqa: E741
+    train = [r for r in probe.rows if r["training"]][0]
+    assert train["loss_grad"] == pytest.approx((l[0] + l[1] + 3 * l[2] + 3 * l[3]) / 8, abs=1e-6)
+
+
+def test_hard_mining_rejects_loss_without_per_example_losses():
+    learn = hand_learner(lambda pred, y: F.cross_entropy(pred, y), cbs=[HardExampleMining()])
+    with pytest.raises(ValueError, match="per-example"):
+        learn.fit(1)
+
+
+@pytest.mark.parametrize("kw", [dict(frac=0), dict(frac=1.5), dict(weight=0), dict(warmup_epochs=-1)])
+def test_hard_mining_bad_arguments(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        HardExampleMining(**kw)
+
+
+# ---------- PlateauLR ----------
+
+FLAT = [1.0] * 10  # a monitored value that never improves after epoch 0
+
+
+def one_cycle_lrs(tiny_learner, *cbs, opt_func=None):
+    kw = {} if opt_func is None else dict(opt_func=opt_func)
+    learn = tiny_learner(**kw)
+    probe = ProbeLR()
+    learn.fit_one_cycle(4, slice(1e-3, 1e-2), cbs=[FeedMonitor(FLAT), probe, *cbs])
+    return np.array(probe.lrs), np.array(learn.recorder.lrs)
+
+
+def test_plateau_lowers_lr_under_one_cycle_fastai_does_not(tiny_learner):
+    ref, _ = one_cycle_lrs(tiny_learner)
+    fastai_lrs, _ = one_cycle_lrs(tiny_learner, ReduceLROnPlateau(patience=2, factor=5))
+    ours, recorded = one_cycle_lrs(tiny_learner, PlateauLR(patience=2, factor=0.2))
+    assert ref.shape == (4 * NB, 3)  # 3 layer groups
+    np.testing.assert_allclose(fastai_lrs, ref)  # the defect: the scheduler undoes fastai's reduction
+    # epoch 0 best, 1 and 2 no better -> reduced after epoch 2: epoch 3 runs at 0.2 x the schedule
+    np.testing.assert_allclose(ours[: 3 * NB], ref[: 3 * NB])
+    np.testing.assert_allclose(ours[3 * NB:], 0.2 * ref[3 * NB:])
+    np.testing.assert_allclose(recorded, ours[:, -1])  # Recorder sees the LR really used
+
+
+def test_plateau_min_lr_never_raises_the_schedule(tiny_learner):
+    ref, _ = one_cycle_lrs(tiny_learner)
+    ours, _ = one_cycle_lrs(tiny_learner, PlateauLR(patience=1, factor=0.2, min_lr=1.0))
+    np.testing.assert_allclose(ours, ref)  # floor above the schedule: schedule kept as is
+
+
+@pytest.mark.parametrize("fit", ["fit", "one_cycle"])
+def test_plateau_with_optimwrapper_fastai_does_nothing(tiny_learner, fit):
+    opt_func = partial(OptimWrapper, opt=torch.optim.SGD)
+
+    def run(*cbs):
+        learn, probe = tiny_learner(opt_func=opt_func), ProbeLR()
+        cbs = [FeedMonitor(FLAT), probe, *cbs]
+        learn.fit(4, 1e-2, cbs=cbs) if fit == "fit" else learn.fit_one_cycle(4, 1e-2, cbs=cbs)
+        return np.array(probe.lrs)  # read from the inner torch optimizer's param_groups
+
+    ref, fastai_lrs = run(), run(ReduceLROnPlateau(patience=2, factor=5))
+    ours = run(PlateauLR(patience=2, factor=0.2))
+    np.testing.assert_allclose(fastai_lrs, ref)  # fastai #4046: writes to a copy of the hypers
+    np.testing.assert_allclose(ours[: 3 * NB], ref[: 3 * NB])
+    np.testing.assert_allclose(ours[3 * NB:], 0.2 * ref[3 * NB:])
+
+
+def test_plateau_constant_lr_does_not_compound(tiny_learner):
+    learn, probe, cb = tiny_learner(), ProbeLR(), PlateauLR(patience=1, factor=0.5)
+    learn.fit(5, 1e-2, cbs=[FeedMonitor(FLAT), probe, cb])
+    per_epoch = np.array(probe.lrs)[:, -1].reshape(5, NB)
+    expected = 1e-2 * np.array([1, 1, 0.5, 0.25, 0.125])  # reduced after epochs 1, 2, 3 (patience 1)
+    np.testing.assert_allclose(per_epoch, np.repeat(expected[:, None], NB, axis=1))
+    assert cb.reductions == [(1, 0.5), (2, 0.25), (3, 0.125), (4, 0.0625)]
+    assert learn.opt.hypers[-1]["lr"] == pytest.approx(1e-2)  # unscaled value restored after each step
+
+
+def test_plateau_cooldown_and_min_lr(tiny_learner):
+    learn, probe = tiny_learner(), ProbeLR()
+    cb = PlateauLR(patience=1, factor=0.5, cooldown=1, min_lr=3e-3)
+    learn.fit(5, 1e-2, cbs=[FeedMonitor(FLAT), probe, cb])
+    per_epoch = np.array(probe.lrs)[::NB, -1]
+    assert [e for e, _ in cb.reductions] == [1, 3]  # epoch 2 is cooldown: it does not count
+    np.testing.assert_allclose(per_epoch, [1e-2, 1e-2, 5e-3, 5e-3, 3e-3])  # 2.5e-3 floored at min_lr
+
+
+def test_plateau_bad_monitor_names_choices(tiny_learner):
+    learn = tiny_learner()
+    with pytest.raises(ValueError, match="accuracy"):
+        learn.fit(1, cbs=PlateauLR(monitor="acc"))
+    with pytest.raises(ValueError, match="factor"):
+        PlateauLR(factor=5)
+
+
+# ---------- EarlyStopping ----------
+
+SEQ = [3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]  # best at epoch 1, then no improvement
+
+
+def test_early_stopping_restores_best_fastai_does_not(tiny_learner):
+    learn, snaps = tiny_learner(), SnapEpochs()
+    es = EarlyStopping(patience=3)
+    learn.fit(8, 1e-2, cbs=[FeedMonitor(SEQ), snaps, es])
+    assert len(learn.recorder.values) == 5 and es.stopped_epoch == 4 and es.best_epoch == 1
+    assert same_state(current_state(learn), snaps.snaps[1])  # the best epoch's weights came back
+    assert not same_state(snaps.snaps[1], snaps.snaps[4])
+
+    learn, snaps = tiny_learner(), SnapEpochs()
+    learn.fit(8, 1e-2, cbs=[FeedMonitor(SEQ), snaps, EarlyStoppingCallback(patience=3)])
+    assert len(learn.recorder.values) == 5
+    assert same_state(current_state(learn), snaps.snaps[4])  # fastai: the last epoch's weights
+    assert not same_state(current_state(learn), snaps.snaps[1])
+
+
+def test_early_stopping_without_restore_keeps_last(tiny_learner):
+    learn, snaps = tiny_learner(), SnapEpochs()
+    learn.fit(8, 1e-2, cbs=[FeedMonitor(SEQ), snaps, EarlyStopping(patience=2, restore_best_weights=False)])
+    assert len(learn.recorder.values) == 4
+    assert same_state(current_state(learn), snaps.snaps[-1])
+
+
+# ---------- BestCheckpoint ----------
+
+class FileBytes(Callback):
+    """Read the checkpoint file after each epoch (after BestCheckpoint has run)."""
+    order = 90
+
+    def __init__(self, path):
+        self.path, self.seen = Path(path), []
+
+    def after_epoch(self):
+        self.seen.append(self.path.read_bytes() if self.path.exists() else None)
+
+
+def test_best_checkpoint_never_overwrites_best_with_worse_or_nan(tiny_learner, tmp_path):
+    path = tmp_path / "ckpt" / "best.pth"
+    learn, snaps, seen = tiny_learner(), SnapEpochs(), FileBytes(path)
+    cb = BestCheckpoint(path)
+    learn.fit(4, 1e-2, cbs=[FeedMonitor([2.0, 1.0, 1.5, float("nan")]), snaps, cb, seen])
+    assert seen.seen[0] != seen.seen[1]  # improvement -> saved
+    assert seen.seen[1] == seen.seen[2] == seen.seen[3]  # worse, then NaN: file bytes unchanged
+    best = torch.load(path, weights_only=True)
+    assert same_state(best, snaps.snaps[1]) and cb.best_epoch == 1
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+def test_best_checkpoint_skips_nonfinite_weights(tiny_learner, tmp_path):
+    class Poison(Callback):
+        order = 55  # after the epoch's training, before BestCheckpoint looks
+
+        def after_epoch(self):
+            if self.epoch == 2:
+                with torch.no_grad():
+                    next(self.learn.model.parameters()).fill_(float("nan"))
+
+    path = tmp_path / "best.pth"
+    learn, seen = tiny_learner(), FileBytes(path)
+    cb = BestCheckpoint(path)
+    with pytest.warns(UserWarning, match="non-finite"):
+        learn.fit(3, 1e-2, cbs=[FeedMonitor([3.0, 2.0, 1.0]), Poison(), cb, seen])
+    assert seen.seen[2] == seen.seen[1] and cb.best_epoch == 1 and cb.best == 2.0
+    assert _finite(torch.load(path, weights_only=True))
+
+
+def _finite(state):
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def crashing_save(obj, f, *args, **kwargs):
+    """Simulate a crash half-way through torch.save: some bytes written, then an error."""
+    fh = open(f, "wb") if isinstance(f, (str, Path)) else f
+    fh.write(b"partial")
+    fh.flush()
+    raise OSError("simulated crash while saving")
+
+
+def test_best_checkpoint_crash_while_saving_keeps_previous(tiny_learner, tmp_path, monkeypatch):
+    path = tmp_path / "best.pth"
+    learn, cb = tiny_learner(), BestCheckpoint(path)
+    learn.fit(1, 1e-2, cbs=[FeedMonitor([2.0]), cb])
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        learn.fit(1, 1e-2, cbs=[FeedMonitor([1.0]), cb])  # better value -> tries to save -> crash
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+    assert len(torch.load(path, weights_only=True)) > 0
+
+
+def test_fastai_save_model_crash_corrupts_best(tiny_learner, tmp_path, monkeypatch):
+    # the plain-fastai defect BestCheckpoint fixes: SaveModelCallback writes the target file in place
+    learn = tiny_learner(path=tmp_path)
+    learn.fit(1, 1e-2, cbs=[FeedMonitor([2.0]), SaveModelCallback(fname="best", reset_on_fit=False)])
+    target = tmp_path / "models" / "best.pth"
+    before = target.read_bytes()
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        learn.fit(1, 1e-2, cbs=[FeedMonitor([1.0]), SaveModelCallback(fname="best")])
+    assert target.read_bytes() != before  # the previous best is gone
+
+
+def test_best_checkpoint_relative_name_and_load_best(tiny_learner, tmp_path):
+    learn, snaps = tiny_learner(path=tmp_path), SnapEpochs()
+    cb = BestCheckpoint("stage1", load_best=True)
+    learn.fit(3, 1e-2, cbs=[FeedMonitor([2.0, 1.0, 3.0]), snaps, cb])
+    assert cb.saved_path == tmp_path / "models" / "stage1.pth"
+    assert same_state(current_state(learn), snaps.snaps[1])
+
+
+# ---------- NonFiniteGuard ----------
+
+class InjectNaN(Callback):
+    """Make batch 2 of epoch 1 produce a NaN loss, and keep the weights from just before it."""
+    order = -20
+
+    def before_batch(self):
+        if self.training and self.epoch == 1 and self.iter == 2:
+            self.before = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+            self.learn.xb = (self.learn.xb[0] * float("nan"),)
+
+
+def test_guard_stops_before_step_fastai_after(tiny_learner):
+    learn, inj = tiny_learner(), InjectNaN()
+    learn.fit(3, 1e-2, cbs=[inj, TerminateOnNaNCallback()])
+    assert not _finite(current_state(learn))  # fastai: the NaN step already happened
+
+    learn, inj, guard = tiny_learner(), InjectNaN(), NonFiniteGuard()
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        learn.fit(3, 1e-2, cbs=[inj, guard])
+    assert _finite(current_state(learn))
+    assert same_state(current_state(learn), inj.before)  # params and BatchNorm stats as before the batch
+    assert guard.stop_reason == "non-finite loss at epoch 1, batch 2"
+    assert len(learn.recorder.values) == 1  # stopped inside epoch 1
+
+
+def test_guard_catches_nonfinite_gradient_with_finite_loss(tiny_learner):
+    class NaNGradLoss(nn.Module):
+        """Finite loss; on batch 2 adds sqrt(|0|), whose gradient is NaN."""
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, pred, y):
+            self.calls += 1
+            loss = F.cross_entropy(pred, y)
+            return loss + torch.sqrt((pred - pred.detach()).abs()).sum() if self.calls == 3 else loss
+
+    learn = tiny_learner()
+    learn.loss_func = NaNGradLoss()
+    before = current_state(learn)
+
+    class Keep(Callback):
+        def before_batch(self):
+            before.update(current_state(self.learn))
+
+    guard = NonFiniteGuard()
+    with pytest.warns(UserWarning, match="non-finite gradient"):
+        learn.fit(1, 1e-2, cbs=[Keep(), guard])
+    assert guard.stop_reason.startswith("non-finite gradient") and _finite(current_state(learn))
+    assert same_state(current_state(learn), before)

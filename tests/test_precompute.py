@@ -1,0 +1,185 @@
+"""precompute_head: body run once without augmentation, cache keyed safely, head trained on the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyCNN, make_tiny_learner
+from fastai.callback.core import Callback
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
+from fastai.learner import Learner
+from fastai.metrics import accuracy
+from fastai.torch_core import noop
+from fastai.vision.augment import RandomResizedCrop, aug_transforms
+from fastai.vision.data import ImageBlock
+from fastai.vision.learner import create_head
+from torch import nn
+
+from fastlesson.precompute import clear_memory_cache, precompute_head
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory_cache():
+    clear_memory_cache()
+    yield
+    clear_memory_cache()
+
+
+def image_learner(path, size=24, seed=0) -> Learner:
+    """A DataBlock learner with random item + batch augmentation and a fastai head (BN + Dropout)."""
+    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, get_y=parent_label,
+                       splitter=GrandparentSplitter(train_name="train", valid_name="valid"),
+                       item_tfms=RandomResizedCrop(size, min_scale=0.5),
+                       batch_tfms=aug_transforms(size=size, min_scale=0.75))
+    dls = dblock.dataloaders(path, bs=8, num_workers=0, device="cpu")
+    torch.manual_seed(seed)
+    body = TinyCNN(3)[0]
+    return Learner(dls, nn.Sequential(body, create_head(16, dls.c)), metrics=accuracy)
+
+
+def _head_preds(learn, feats):
+    learn.model.eval()
+    with torch.no_grad():
+        return learn.model[1](feats.valid_x)
+
+
+def test_full_model_equals_head_on_cached_activations_tensor_data(tiny_learner):
+    learn = tiny_learner()
+    res = precompute_head(learn, 2, lr_max=1e-2)
+    preds, _ = learn.get_preds(ds_idx=1, act=noop)
+    assert torch.allclose(preds, _head_preds(learn, res.features), atol=1e-5)
+    assert res.feature_shape == (16, 8, 8) and (res.n_train, res.n_valid) == (64, 32)
+
+
+def test_full_model_equals_head_on_cached_activations_datablock(image_folder):
+    learn = image_learner(image_folder(n_per_class=6))
+    res = precompute_head(learn, 1, lr_max=1e-2)
+    preds, targs = learn.get_preds(ds_idx=1, act=noop)
+    assert torch.allclose(preds, _head_preds(learn, res.features), atol=1e-5)
+    assert torch.equal(targs, res.features.valid_y)
+    assert res.accuracy == pytest.approx(float((preds.argmax(1) == targs).float().mean()))
+
+
+def test_no_random_augmentation_in_cached_activations(image_folder):
+    """RandomResizedCrop + aug_transforms would give different train activations on every pass."""
+    learn = image_learner(image_folder(n_per_class=6))
+    first = precompute_head(learn, 1).features
+    learn.model[1] = create_head(16, learn.dls.c)  # head changes don't touch the body or its key
+    clear_memory_cache()
+    again = precompute_head(learn, 1)
+    assert not again.cache_hit
+    assert torch.equal(first.train_x, again.features.train_x)
+    # dataset order, labels as fastai gives them
+    assert torch.equal(first.train_y, torch.stack([learn.dls.train_ds[i][1] for i in range(len(learn.dls.train_ds))]))
+
+
+def test_trains_only_head_and_improves_accuracy(tiny_learner):
+    learn = tiny_learner()
+    body = {k: v.clone() for k, v in learn.model[0].state_dict().items()}
+    before = learn.validate()[1]
+    res = precompute_head(learn, 4, lr_max=0.3)
+    after = learn.validate()
+    assert after[1] > before + 0.15 and res.accuracy == pytest.approx(after[1])
+    assert res.valid_loss == pytest.approx(after[0], rel=1e-4)
+    for k, v in learn.model[0].state_dict().items():  # body (incl. BN running stats) untouched
+        assert torch.equal(v, body[k]), k
+
+
+def test_head_bn_and_dropout_in_training_mode_during_fit(tiny_learner):
+    learn = tiny_learner()
+    learn.model[1] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(16), nn.Dropout(0.5),
+                                   nn.Linear(16, 3))
+    seen = []
+    learn.model[1][3].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    bn_mean = learn.model[1][2].running_mean.clone()
+    precompute_head(learn, 1, lr_max=1e-2)
+    assert True in seen and False in seen  # train mode while fitting, eval while validating
+    assert not torch.equal(learn.model[1][2].running_mean, bn_mean)
+
+
+def test_disk_cache_hit_and_safe_file(tiny_learner, tmp_path):
+    learn = tiny_learner()
+    first = precompute_head(learn, 1, cache_dir=tmp_path)
+    assert not first.cache_hit and first.cache_path.exists() and first.cache_path.suffix == ".safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == [first.cache_path.name]  # no temp file left behind
+    clear_memory_cache()
+    second = precompute_head(learn, 1, cache_dir=tmp_path)
+    assert second.cache_hit and second.cache_key == first.cache_key
+    assert torch.equal(second.features.valid_x, first.features.valid_x)
+    third = precompute_head(learn, 1)  # memory hit, no disk needed
+    assert third.cache_hit
+
+
+def test_tampered_cache_file_is_refused(tiny_learner, tmp_path):
+    from safetensors.torch import save_file
+
+    learn = tiny_learner()
+    res = precompute_head(learn, 1, cache_dir=tmp_path)
+    save_file(res.features.tensors(), str(res.cache_path), metadata={"key": "something else"})
+    clear_memory_cache()
+    with pytest.raises(ValueError, match="delete it"):
+        precompute_head(learn, 1, cache_dir=tmp_path)
+
+
+def _key(learn, tmp_path):
+    return precompute_head(learn, 1, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("change", ["arch", "weights", "size", "data"])
+def test_cache_not_reused_when_arch_size_or_data_change(tmp_path, change):
+    base = _key(make_tiny_learner(), tmp_path)
+    if change == "arch":
+        other = make_tiny_learner()
+        other.model[0][1][0] = nn.Conv2d(8, 16, 1, stride=2)  # same output shape, different body
+        other.model[0].to("cpu")
+    elif change == "weights":
+        other = make_tiny_learner(seed=1)
+        other.dls = make_tiny_learner().dls  # same data, different body weights
+    elif change == "size":
+        other = make_tiny_learner(size=20)
+    else:
+        other = make_tiny_learner(n_train=64)
+        other.dls = make_tiny_learner(seed=3).dls
+        other.model = make_tiny_learner().model  # same body, different data
+    res = _key(other, tmp_path)
+    assert not res.cache_hit and res.cache_key != base.cache_key
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_cache_not_reused_for_different_image_size_or_items(image_folder, tmp_path):
+    path = image_folder(n_per_class=4)
+    base = precompute_head(image_learner(path, size=24), 1, cache_dir=tmp_path)
+    bigger = precompute_head(image_learner(path, size=32), 1, cache_dir=tmp_path)
+    other_imgs = precompute_head(image_learner(image_folder("other", n_per_class=4, seed=1)), 1, cache_dir=tmp_path)
+    assert not bigger.cache_hit and not other_imgs.cache_hit
+    assert len({base.cache_key, bigger.cache_key, other_imgs.cache_key}) == 3
+    assert precompute_head(image_learner(path, size=24), 1, cache_dir=tmp_path).cache_hit
+
+
+@pytest.mark.parametrize("kw, match", [(dict(n_epoch=0), "n_epoch"), (dict(n_epoch=1, lr_max=-1.0), "lr_max"),
+                                       (dict(n_epoch=1, bs=-2), "bs")])
+def test_bad_arguments(tiny_learner, kw, match):
+    with pytest.raises(ValueError, match=match):
+        precompute_head(tiny_learner(), **kw)
+
+
+def test_needs_body_head_model(tiny_learner):
+    learn = tiny_learner()
+    learn.model = nn.Sequential(*learn.model[0], learn.model[1])
+    with pytest.raises(ValueError, match="Sequential\\(body, head\\)"):
+        precompute_head(learn, 1)
+
+
+class _MaxLR(Callback):
+    def before_fit(self):
+        self.max_lr = 0.0
+
+    def after_batch(self):
+        self.max_lr = max(self.max_lr, self.opt.hypers[-1]["lr"])
+
+
+def test_slice_lr_uses_head_value_and_kw_reach_fit_one_cycle(tiny_learner):
+    rec = _MaxLR()
+    precompute_head(tiny_learner(), 1, lr_max=slice(1e-5, 2e-2), cbs=rec)
+    assert rec.max_lr == pytest.approx(2e-2, rel=0.05)

@@ -1,0 +1,491 @@
+"""scrape: every bad case served by a loopback server is handled and recorded; resume; interruption; split."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import runpy
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import imagehash
+import pytest
+from _scrape_server import ScrapeServer, build_routes, encode, exif_rotated_jpeg, pattern, png_bomb
+from PIL import Image, ImageFile
+
+import fastlesson.scrape_fetch as scrape_fetch
+from fastlesson.scrape import (
+    STATUSES,
+    ScrapeConfig,
+    UrlEntry,
+    assign_split,
+    class_folder,
+    read_url_list,
+    scrape_dataset,
+)
+from fastlesson.scrape_image import normalise_image, phash_distance
+from fastlesson.scrape_search import DDGSBackend, SearchHit, StaticBackend, search_with_retry
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BYTES = 200_000  # bytes, small so the oversized routes trip it quickly
+
+# URL path -> expected status, per class
+EXPECTED = {
+    "daisy": {
+        **{f"/good/daisy/{i}.jpg": "ok" for i in (0, 2, 3, 4, 5, 6)},
+        "/good/daisy/1.jpg": "label_conflict",
+        "/dup-copy.jpg": "duplicate",
+        "/near-copy.jpg": "near_duplicate",
+        "/missing.jpg": "http_error",
+        "/error.jpg": "http_error",
+        "/flaky.jpg": "ok",
+        "/slow.jpg": "timeout",
+        "/loop/a": "redirect_loop",
+        "/page.jpg": "not_image",
+        "/empty.jpg": "not_image",
+        "/truncated.jpg": "corrupt",
+        "/vector.svg": "not_image",
+        "/bomb.png": "bomb",
+        "/cmyk.jpg": "ok",
+        "/rgba.png": "ok",
+        "/select?id=1": "ok",
+        "/select?id=2": "ok",
+        "/huge.jpg": "too_large",
+        "/huge-declared.jpg": "too_large",
+    },
+    "horse": {
+        **{f"/good/horse/{i}.jpg": "ok" for i in range(7)},
+        "/cross.jpg": "label_conflict",
+        "/moved.jpg": "ok",
+        "/palette.png": "ok",
+        "/anim.gif": "ok",
+        "/exif.jpg": "ok",
+        "/gray16.png": "ok",
+        "/tiny.png": "too_small",
+        "/missing.jpg": "http_error",
+    },
+}
+
+
+class Sleeps(list):
+    """An injectable sleep that records the waits instead of waiting."""
+
+    def __call__(self, s: float) -> None:
+        self.append(s)
+
+
+def small_cfg(dest, **kw) -> ScrapeConfig:
+    base = dict(dest=dest, min_size=32, max_size=64, max_bytes=MAX_BYTES, timeout=0.4, max_seconds=5,
+                retries=1, backoff=0.5, workers=4, min_per_class=3, progress=False)
+    return ScrapeConfig(**{**base, **kw})
+
+
+def write_urls(path: Path, server: ScrapeServer, spec: dict) -> Path:
+    path.write_text(json.dumps({c: [server.url(u) for u in urls] for c, urls in spec.items()}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ScrapeServer(build_routes(max_bytes=MAX_BYTES), MAX_BYTES) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def scraped(server, tmp_path_factory):
+    """One full run over every case; tests below only read its results."""
+    tmp = tmp_path_factory.mktemp("scrape")
+    urls = write_urls(tmp / "urls.json", server, EXPECTED)
+    hits_before = server.hits.copy()
+    result = scrape_dataset(small_cfg(tmp / "data", from_urls=urls), sleep=Sleeps())
+    hits = server.hits - hits_before
+    return result, hits
+
+
+def by_path(result, server):
+    return {(e.cls, e.url.removeprefix(server.base)): e for e in result.entries}
+
+
+def test_every_url_has_its_expected_status(scraped, server):
+    result, _ = scraped
+    got = by_path(result, server)
+    expected = {(c, u): s for c, d in EXPECTED.items() for u, s in d.items()}
+    assert {k: e.status for k, e in got.items()} == expected
+    assert all(e.status in STATUSES for e in result.entries)
+    assert all(e.reason for e in result.entries if e.status != "ok"), "every rejection has a reason"
+    manifest = json.loads((result.dest / "manifest.json").read_text())
+    assert len(manifest["entries"]) == len(expected)
+    assert {(m["class"], m["url"].removeprefix(server.base)): m["status"] for m in manifest["entries"]} \
+        == expected
+    assert set(manifest["entries"][0]) >= {"class", "url", "source", "license", "status", "reason",
+                                           "sha256", "path"}
+
+
+def test_reasons_name_the_problem(scraped, server):
+    got = by_path(scraped[0], server)
+    assert "404" in got[("daisy", "/missing.jpg")].reason
+    assert "500" in got[("daisy", "/error.jpg")].reason and "2 attempts" in got[("daisy", "/error.jpg")].reason
+    assert "HTML" in got[("daisy", "/page.jpg")].reason
+    assert "0 bytes" in got[("daisy", "/empty.jpg")].reason
+    assert "SVG" in got[("daisy", "/vector.svg")].reason
+    assert "200000000 pixels" in got[("daisy", "/bomb.png")].reason
+    assert "horse" in got[("daisy", "/good/daisy/1.jpg")].reason
+    assert "daisy" in got[("horse", "/cross.jpg")].reason
+    assert got[("daisy", "/near-copy.jpg")].reason.startswith("phash distance")
+
+
+def test_retries_redirects_and_query_strings(scraped):
+    _, hits = scraped
+    assert hits["/error.jpg"] == 2  # 500: retried once (retries=1)
+    assert hits["/flaky.jpg"] == 2  # 503 then ok
+    assert hits["/missing.jpg"] == 1  # 404 is not retried; the same URL in two classes is fetched once
+    assert hits["/slow.jpg"] == 2  # timeout is transient
+    assert hits["/loop/a"] == 1 and hits["/loop/b"] == 1  # loop detected on the first repeat
+    assert hits["/target.jpg?from=moved"] == 1  # redirect followed, its query string kept
+    assert hits["/select?id=1"] == 1 and hits["/select?id=2"] == 1
+    assert hits["/page.jpg"] == 1 and hits["/truncated.jpg"] == 1  # permanent errors: no retry
+
+
+def test_kept_files_are_normalised_rgb_jpegs_named_by_hash(scraped):
+    result, _ = scraped
+    kept = [e for e in result.entries if e.status == "ok"]
+    for e in kept:
+        f = result.dest / e.path
+        data = f.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == e.sha256  # hash of the normalised JPEG bytes
+        assert f.name == f"{e.sha256[:16]}.jpg" and f.parent.name == e.cls
+        with Image.open(f) as im:
+            assert (im.format, im.mode) == ("JPEG", "RGB")
+            assert max(im.size) <= 64 and min(im.size) >= 32 // 2  # 120x90 -> 64x48
+            assert im.size == (e.width, e.height)
+    files = {p.relative_to(result.dest).as_posix() for p in result.dest.rglob("*") if p.is_file()}
+    assert files == {e.path for e in kept} | {"manifest.json", "scrape_config.json"}
+    assert not (result.dest / ".staging").exists()
+
+
+def _kept_image(result, server, cls, path):
+    e = by_path(result, server)[(cls, path)]
+    return Image.open(result.dest / e.path), e
+
+
+def test_special_modes_are_converted_properly(scraped, server):
+    result, _ = scraped
+    im, e = _kept_image(result, server, "horse", "/exif.jpg")
+    assert im.height > im.width and "EXIF" in e.notes  # stored landscape, shown portrait
+    for cls, path in (("daisy", "/rgba.png"), ("horse", "/palette.png")):
+        im, e = _kept_image(result, server, cls, path)
+        left = im.crop((0, 0, im.width // 2 - 4, im.height)).convert("L")
+        assert min(left.getdata()) > 240, f"{path}: transparent area must be white, not black"
+    im, e = _kept_image(result, server, "horse", "/anim.gif")
+    h = imagehash.phash(im)
+    assert h - imagehash.phash(pattern(103)) < h - imagehash.phash(pattern(104)), "first frame kept"
+    assert "first of 3 frames" in e.notes
+    im, e = _kept_image(result, server, "horse", "/gray16.png")
+    mean = sum(im.convert("L").getdata()) / (im.width * im.height)
+    assert 30 < mean < 220, "16-bit scaled to 8-bit, not clipped to white"
+    naive = Image.open(io.BytesIO(build_routes()["/gray16.png"][2])).convert("RGB").convert("L")
+    assert min(naive.getdata()) == 255  # what a plain PIL convert does to it
+    im, _ = _kept_image(result, server, "daisy", "/cmyk.jpg")
+    assert im.mode == "RGB"
+
+
+def test_split_is_seeded_and_has_no_duplicate_across_train_and_valid(scraped):
+    result, _ = scraped
+    for cls in ("daisy", "horse"):
+        kept = result.kept(cls)
+        n_valid = sum(e.split == "valid" for e in kept)
+        assert n_valid == round(len(kept) * 0.2) and n_valid >= 1
+        assert all((result.dest / e.split / cls).is_dir() for e in kept)
+    kept = [e for e in result.entries if e.status == "ok"]
+    train = [e for e in kept if e.split == "train"]
+    valid = [e for e in kept if e.split == "valid"]
+    assert min(phash_distance(a.phash, b.phash) for a in train for b in valid) > 6
+    # same seed -> same split; another seed -> another split
+    again = [replace(e) for e in kept]
+    assign_split(again, 0.2, 42)
+    assert [e.split for e in again] == [e.split for e in kept]
+    other = [replace(e) for e in kept]
+    assign_split(other, 0.2, 7)
+    assert [e.split for e in other] != [e.split for e in kept]
+
+
+def test_summary_table_counts_every_url(scraped):
+    result, _ = scraped
+    table = result.summary_table()
+    lines = table.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    daisy = dict(zip(head, [c.strip() for c in lines[2].strip("|").split("|")]))
+    assert daisy["class"] == "daisy" and daisy["found"] == str(len(EXPECTED["daisy"]))
+    assert daisy["kept"] == "11" and daisy["bomb"] == "1" and daisy["not_image"] == "3"
+    assert "too_large" in head and "label_conflict" in head
+    assert result.short_classes == {}
+
+
+def test_near_duplicate_threshold():
+    """A resized + re-encoded copy is within 6 bits; different images are far beyond it."""
+    for seed in range(5):
+        orig = pattern(seed)
+        copy = Image.open(io.BytesIO(encode(orig.resize((70, 52)), quality=50)))
+        assert phash_distance(str(imagehash.phash(orig)), str(imagehash.phash(copy))) <= 6
+    hashes = [str(imagehash.phash(pattern(s))) for s in range(20)]
+    assert min(phash_distance(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]) > 6
+
+
+@pytest.mark.parametrize("w, h, reason", [
+    (20000, 10000, "200000000 pixels"),  # over PIL's own hard limit (2 x 89 M px): refused at open
+    (8000, 6000, "8000x6000"),  # under PIL's limit, over our 40 M px cap: refused by our header check
+])
+def test_bomb_is_refused_before_decoding(tmp_path, monkeypatch, w, h, reason):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(png_bomb(w, h))
+    assert p.stat().st_size < 30_000  # a few KB on disk, tens of millions of pixels declared
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1))
+    out = normalise_image(p, max_pixels=40_000_000)
+    assert out.status == "bomb" and reason in out.reason
+    assert loads == [], "no pixel was decoded"
+
+
+def test_truncated_jpeg_passes_verify_but_is_rejected(tmp_path):
+    data = encode(pattern(3), quality=90)
+    p = tmp_path / "t.jpg"
+    p.write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(p) as im:
+        im.verify()  # what a verify()-only check would accept
+    assert normalise_image(p).status == "corrupt"
+
+
+def test_too_small_and_resize(tmp_path):
+    p = tmp_path / "a.jpg"
+    p.write_bytes(exif_rotated_jpeg())
+    out = normalise_image(p, max_size=40, min_size=10)
+    assert out.status == "ok" and (out.width, out.height) == (30, 40)
+    assert normalise_image(p, min_size=100).status == "too_small"
+
+
+class FlakyBackend:
+    """Fails `fails` times with ddgs's generic exception (how it reports rate limits), then answers."""
+
+    name = "fake"
+
+    def __init__(self, results: dict, fails: int):
+        self.results, self.fails, self.calls = results, fails, []
+
+    def search(self, query, max_results, **filters):
+        from ddgs.exceptions import DDGSException
+        self.calls.append((query, max_results, filters))
+        if self.fails > 0 or query not in self.results:
+            self.fails -= 1
+            raise DDGSException("202 Ratelimit")
+        return [SearchHit(u, source="http://page.example/" + query) for u in self.results[query]]
+
+
+def test_search_retries_with_backoff_then_records_outcome():
+    be = FlakyBackend({"daisy photo": ["u1", "u2", "u3"]}, fails=2)
+    sleeps = Sleeps()
+    hits, out = search_with_retry(be, "daisy", "daisy photo", 2, retries=4, backoff=1.5, sleep=sleeps,
+                                  type_image="photo")
+    assert [h.url for h in hits] == ["u1", "u2"]
+    assert (out.status, out.attempts, out.n_hits) == ("ok", 3, 2)
+    assert sleeps == [1.5, 3.0]  # exponential backoff
+    assert be.calls[0] == ("daisy photo", 2, {"type_image": "photo"})
+    hits, out = search_with_retry(be, "mango", "mango", 5, retries=2, sleep=sleeps)
+    assert hits == [] and out.status == "failed" and out.attempts == 3 and "Ratelimit" in out.error
+
+
+def test_failing_query_does_not_stop_the_others(server, tmp_path):
+    good = [server.url(f"/good/horse/{i}.jpg") for i in range(4)]
+    be = FlakyBackend({"horse photo": good}, fails=1)
+    cfg = small_cfg(tmp_path / "d", classes=["horse", "mango"], query_suffix="photo", search_retries=2,
+                    n_images=10)
+    result = scrape_dataset(cfg, backend=be, sleep=Sleeps())
+    q = {o["cls"]: o for o in result.queries}
+    assert q["horse"]["status"] == "ok" and q["horse"]["attempts"] == 2
+    assert q["mango"]["status"] == "failed" and q["mango"]["attempts"] == 3
+    assert len(result.kept("horse")) == 4 and result.short_classes == {"mango": 0}
+    assert all(e.source == "http://page.example/horse photo" for e in result.entries)
+    assert "failed" in result.summary_table()
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert [o["status"] for o in manifest["queries"]] == ["ok", "failed"]
+
+
+def test_ddgs_backend_maps_results_and_filters(monkeypatch):
+    calls = []
+
+    class FakeDDGS:
+        def __init__(self, timeout=None):
+            pass
+
+        def images(self, query, **kw):
+            calls.append((query, kw))
+            return [{"image": "http://x/1.jpg", "url": "http://page/1", "title": "t", "thumbnail": "th"},
+                    {"image": "", "url": "http://page/2"}]
+
+    be = DDGSBackend()
+    be.ddgs_cls = FakeDDGS
+    hits = be.search("daisy", 5, type_image="photo", size="Medium", license_image=None)
+    assert hits == [SearchHit("http://x/1.jpg", "http://page/1", "t", "")]
+    assert calls[0][0] == "daisy"
+    assert calls[0][1]["max_results"] == 5 and calls[0][1]["type_image"] == "photo"
+    assert calls[0][1]["size"] == "Medium" and "license_image" not in calls[0][1]
+    with pytest.raises(ValueError, match="colour"):
+        be.search("daisy", 5, colour="red")
+
+
+def test_resume_downloads_nothing_new(server, tmp_path):
+    spec = {"daisy": [f"/good/daisy/{i}.jpg" for i in range(2, 6)] + ["/missing.jpg", "/error.jpg",
+                                                                        "/page.jpg", "/dup-copy.jpg"],
+            "horse": [f"/good/horse/{i}.jpg" for i in range(4)] + ["/cross.jpg", "/tiny.png"]}
+    urls = write_urls(tmp_path / "u.json", server, spec)
+    cfg = small_cfg(tmp_path / "d", from_urls=urls)
+    first = scrape_dataset(cfg, sleep=Sleeps())
+    files = sorted(p for p in cfg.dest.rglob("*.jpg"))
+    before = server.hits.copy()
+    second = scrape_dataset(cfg, sleep=Sleeps())
+    new_hits = server.hits - before
+    assert set(new_hits) == {"/error.jpg"}, "only the transient 500 is tried again"
+    assert second.n_fetched == 1
+    assert [(e.url, e.status, e.path) for e in second.entries] == \
+        [(e.url, e.status, e.path) for e in first.entries]
+    assert sorted(p for p in cfg.dest.rglob("*.jpg")) == files
+
+
+def test_resume_refetches_deleted_file_and_reprocesses_on_new_settings(server, tmp_path):
+    urls = write_urls(tmp_path / "u.json", server, {"horse": [f"/good/horse/{i}.jpg" for i in range(3)]})
+    cfg = small_cfg(tmp_path / "d", from_urls=urls)
+    first = scrape_dataset(cfg, sleep=Sleeps())
+    (cfg.dest / first.entries[0].path).unlink()
+    assert scrape_dataset(cfg, sleep=Sleeps()).n_fetched == 1
+    bigger = scrape_dataset(replace(cfg, max_size=100), sleep=Sleeps())
+    assert bigger.n_fetched == 3  # size changed: images re-made, old files replaced
+    sizes = {Image.open(p).size for p in cfg.dest.rglob("*.jpg")}
+    assert sizes == {(100, 75)} and len(list(cfg.dest.rglob("*.jpg"))) == 3
+
+
+def test_rerun_keeps_earlier_search_hits_but_follows_an_edited_url_list(server, tmp_path):
+    good = [server.url(f"/good/horse/{i}.jpg") for i in range(5)]
+    cfg = small_cfg(tmp_path / "s", classes=["horse"], type_image=None)
+    scrape_dataset(cfg, backend=StaticBackend({"horse": good[:3]}), sleep=Sleeps())
+    again = scrape_dataset(cfg, backend=StaticBackend({"horse": good[2:]}), sleep=Sleeps())
+    assert again.n_fetched == 2 and len(again.kept("horse")) == 5  # search results vary: keep the union
+    urls = write_urls(tmp_path / "u.json", server, {"horse": [f"/good/horse/{i}.jpg" for i in range(3)]})
+    cfg = small_cfg(tmp_path / "l", from_urls=urls)
+    scrape_dataset(cfg, sleep=Sleeps())
+    write_urls(urls, server, {"horse": ["/good/horse/0.jpg", "/good/horse/1.jpg"]})
+    edited = scrape_dataset(cfg, sleep=Sleeps())
+    assert edited.n_fetched == 0 and len(edited.entries) == 2
+    assert len(list(cfg.dest.rglob("*.jpg"))) == 2  # the file of the removed URL is gone
+
+
+def test_interrupted_download_leaves_no_partial_file(server, tmp_path, monkeypatch):
+    urls = write_urls(tmp_path / "u.json", server, {"horse": [f"/good/horse/{i}.jpg" for i in range(4)]})
+    cfg = small_cfg(tmp_path / "d", from_urls=urls, workers=1)
+    real = scrape_fetch._read_chunks
+    parts = []
+
+    def interrupted(resp):
+        for chunk in real(resp):
+            parts.extend(tmp_path.rglob("*.part"))  # the temp file exists while downloading
+            yield chunk[:100]
+            raise KeyboardInterrupt  # Ctrl-C midway through the body
+
+    monkeypatch.setattr(scrape_fetch, "_read_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scrape_dataset(cfg, sleep=Sleeps())
+    assert parts, "download went through a temporary file"
+    assert [p for p in cfg.dest.rglob("*") if p.is_file()] == []  # no partial image, no manifest
+    monkeypatch.setattr(scrape_fetch, "_read_chunks", real)
+    assert len(scrape_dataset(cfg, sleep=Sleeps()).kept("horse")) == 4
+
+
+def test_fetch_url_removes_its_temp_file_when_interrupted(server, tmp_path, monkeypatch):
+    def interrupted(resp):
+        yield resp.read(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scrape_fetch, "_read_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scrape_fetch.fetch_url(server.url("/good/horse/0.jpg"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    ok = scrape_fetch.fetch_url(server.url("/good/horse/0.jpg"), tmp_path)
+    assert ok.status == "ok" and list(tmp_path.iterdir()) == [ok.path] and ok.fmt == "JPEG"
+    assert scrape_fetch.fetch_url("ftp://x/a.jpg", tmp_path).status == "bad_url"
+
+
+def test_read_url_list_formats(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"daisy": ["http://x/1.jpg", {"url": "http://x/2.jpg",
+                                                                             "license": "cc-by"}]}))
+    (tmp_path / "b.csv").write_text("class,url,source,license\ndaisy,http://x/1.jpg,,\n"
+                                    "daisy,http://x/2.jpg,,cc-by\n")
+    (tmp_path / "c.csv").write_text("daisy,http://x/1.jpg\ndaisy,http://x/2.jpg,,cc-by\n")
+    manifest = {"entries": [UrlEntry("daisy", "http://x/1.jpg").to_dict(),
+                            UrlEntry("daisy", "http://x/2.jpg", license="cc-by").to_dict()]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    want = {"daisy": [SearchHit("http://x/1.jpg"), SearchHit("http://x/2.jpg", license="cc-by")]}
+    for name in ("a.json", "b.csv", "c.csv", "manifest.json"):
+        assert read_url_list(tmp_path / name) == want, name
+    (tmp_path / "bad.csv").write_text("daisy\n")
+    with pytest.raises(ValueError, match="row 1"):
+        read_url_list(tmp_path / "bad.csv")
+    (tmp_path / "bad.json").write_text('["http://x"]')
+    with pytest.raises(ValueError, match="expected"):
+        read_url_list(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        read_url_list(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"classes": []}, "no classes"),
+    ({"valid_pct": 1.0}, "--valid-pct"),
+    ({"max_size": 10, "min_size": 20}, "--max-size"),
+    ({"near_dup_bits": 65}, "--near-dup-bits"),
+    ({"classes": ["grizzly bear", "grizzly_bear"]}, "same folder"),
+    ({"classes": ["!!"]}, "no usable characters"),
+])
+def test_bad_config_is_named(tmp_path, kw, match):
+    cfg = ScrapeConfig(**{"classes": ["a"], "dest": tmp_path, **kw})
+    with pytest.raises(ValueError, match=match):
+        scrape_dataset(cfg, backend=FlakyBackend({}, 0))
+
+
+def test_class_folder_names():
+    assert class_folder(" grizzly bear ") == "grizzly_bear"
+    assert class_folder("black/white cat?") == "black_white_cat"
+
+
+def test_cli_exits_non_zero_naming_the_short_class(server, tmp_path, monkeypatch, capsys):
+    spec = {"daisy": [f"/good/daisy/{i}.jpg" for i in range(2, 7)], "horse": ["/good/horse/0.jpg"]}
+    urls = write_urls(tmp_path / "u.json", server, spec)
+    dest = tmp_path / "d"
+    # the real script, run in-process (a subprocess would spend its time importing fastai)
+    monkeypatch.setattr(sys, "argv", ["scrape.py", "--from-urls", str(urls), "--dest", str(dest),
+                                      "--min-per-class", "3", "--max-size", "64", "--min-size", "32",
+                                      "--no-progress"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "scripts" / "scrape.py"), run_name="__main__")
+    out = capsys.readouterr()
+    assert exit_.value.code == 1
+    assert "'horse' has 1" in out.err and "daisy" not in out.err
+    assert "| daisy | 5 | 5 | 4 | 1 |" in out.out
+    assert len(list((dest / "train" / "daisy").glob("*.jpg"))) == 4
+    config = json.loads((dest / "scrape_config.json").read_text())
+    assert config["min_per_class"] == 3 and config["max_size"] == 64 and config["type_image"] == "photo"
+
+
+@pytest.mark.skipif(not (REPO / "scripts" / "recipe.py").exists(), reason="scripts/recipe.py not written yet")
+def test_recipe_smoke_trains_on_scraped_data(scraped, tmp_path):
+    result, _ = scraped
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe.py"), "--smoke",
+                           "--data", str(result.dest), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    made = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert made & {".pkl", ".pth", ".pt", ".safetensors", ".json", ".md", ".html"}, made
+
