@@ -27,8 +27,16 @@ from fastlesson.schedule import (  # noqa: F401
 )
 # --- end core: schedule ---
 # --- core: optim ---
+from fastlesson.optim import OPTIMIZERS, Lookahead, lookahead, opt_func  # noqa: F401
 # --- end core: optim ---
 # --- core: precompute ---
+from fastlesson.precompute import (  # noqa: F401
+    CachedFeatures,
+    PrecomputeResult,
+    cache_key,
+    clear_memory_cache,
+    precompute_head,
+)
 # --- end core: precompute ---
 # --- recipe: data ---
 from .data import (
@@ -55,6 +63,13 @@ from .models import (
 # --- recipe: recipe/report/export ---
 # --- end recipe: recipe/report/export ---
 # --- seed extras: callbacks ---
+from fastlesson.callbacks import (  # noqa: F401
+    BestCheckpoint,
+    EarlyStopping,
+    HardExampleMining,
+    NonFiniteGuard,
+    PlateauLR,
+)
 # --- end seed extras: callbacks ---
 # --- seed extras: smallcnn/sweep ---
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter  # noqa: F401

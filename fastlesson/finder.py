@@ -251,7 +251,7 @@ class _LearnerSnapshot:
         py, np_state, cpu, cuda = self.rng
         random.setstate(py)
         np.random.set_state(np_state)
-        pass
+        torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
 

@@ -26,10 +26,12 @@ from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 
 from fastlesson import report
+from fastlesson.data import load_data
 from fastlesson.export import export_bundle, export_learner, write_json
 from fastlesson.finder import find_lr
 from fastlesson.models import create_learner
 from fastlesson.optim import OPTIMIZERS, opt_func
+from fastlesson.precompute import precompute_head
 from fastlesson.schedule import (
     fit_one_cycle,
     fit_sgdr,
@@ -134,6 +136,14 @@ class _RunLog(Callback):
     def before_epoch(self):
         self._t0 = time.perf_counter()
 
+    def merge(self, other: _RunLog, n_groups: int) -> None:
+        """Append `other`'s rows and LRs (a one-group head learner's LRs go to the last group)."""
+        for r in other.rows:
+            self.epoch_no += 1
+            self.rows.append({**r, "epoch": self.epoch_no})
+        pad = [math.nan] * (n_groups - 1)
+        self.lrs += [pad + lrs[-1:] for lrs in other.lrs]
+
     def after_batch(self):
         if self.step is not None and self.training:
             self.lrs.append([float(h["lr"]) for h in self.opt.hypers])
@@ -174,10 +184,12 @@ class _Steps:
     def __init__(self, log: _RunLog):
         self.log, self.steps, self.segments = log, [], []
 
-    def start(self, i: int, title: str, name: str):
+    def start(self, i: int, title: str, name: str, record: bool = True):
+        """Print the header; `record=False` for LR range tests (their sweep is not training)."""
         print(f"\nStep {i}/{N_STEPS}: {title}", flush=True)
         self.cur = {"index": i, "name": name, "title": title}
-        self.log.step, self._n_rows, self._n_lrs = name, len(self.log.rows), len(self.log.lrs)
+        self.log.step = name if record else None
+        self._n_rows, self._n_lrs = len(self.log.rows), len(self.log.lrs)
         self._t0 = time.perf_counter()
 
     def done(self, summary: str, lrs=None, **values) -> dict:
@@ -219,36 +231,27 @@ def _lr_range_test(learn, cfg, png: Path, fallback: float, **kw) -> dict:
                        f"batches; fastai's valley {res.suggestions['valley']:.2e})"}
 
 
-def _precompute_step(learn, cfg, steps: _Steps, lr: float, out: Path) -> None:
+def _precompute_step(learn, cfg, steps: _Steps, lr: float) -> None:
     """Step 3: head on cached body activations (or, with precompute off, full forward passes)."""
     if not cfg.precompute:
         fit_one_cycle(learn, cfg.precompute_epochs, lr_max=lr)
         st = steps.done(f"{cfg.precompute_epochs} epoch(s) one-cycle at lr {lr:.2e}, no precompute",
-                        lr=None, lr_max=lr, note="precompute off")
+                        lr_max=lr, note="precompute off")
         print(f"     {_acc_text(st)[2:]}")
         return
-    from fastlesson.precompute import precompute_head
-
-    res = precompute_head(learn, cfg.precompute_epochs, lr_max=lr, cache_dir=out / "cache", bs=cfg.bs)
-    lrs = getattr(res, "lrs", None)
-    vals = {k: _num(getattr(res, k, None)) for k in ("train_loss", "valid_loss", "accuracy")}
-    extra = {k: _num(getattr(res, k, None)) for k in ("seconds_cache", "seconds_train")}
-    hist = getattr(res, "history", None) or []
-    for i, h in enumerate(hist):  # per-epoch rows when the core gives them, else one summary row
-        steps.log.epoch_no += 1
-        steps.log.rows.append({"step": "precompute", "epoch": steps.log.epoch_no, "step_epoch": i + 1,
-                               **{k: _num(h.get(k)) for k in ("train_loss", "valid_loss", "accuracy")},
-                               "lr": lr})
-    if not hist:
-        steps.log.epoch_no += 1
-        steps.log.rows.append({"step": "precompute", "epoch": steps.log.epoch_no,
-                               "step_epoch": int(getattr(res, "epochs", cfg.precompute_epochs)),
-                               **vals, "lr": lr})
-    st = steps.done(f"{getattr(res, 'epochs', cfg.precompute_epochs)} epoch(s) at lr {lr:.2e}"
-                    f"{_acc_text(vals)}, cache {'hit' if getattr(res, 'cache_hit', False) else 'built'}",
-                    lrs=lrs if lrs is not None else [], lr_max=lr,
-                    epochs=int(getattr(res, "epochs", cfg.precompute_epochs)), **vals, **extra)
-    st["cache_hit"] = bool(getattr(res, "cache_hit", False))
+    head_log = _RunLog()  # the head trains in its own Learner: log it there, then merge
+    head_log.step = steps.log.step
+    # cache in memory only: on disk the activations can be hundreds of MB (flowers at 160 px: ~370 MB)
+    res = precompute_head(learn, cfg.precompute_epochs, lr_max=lr, cache_dir=None, bs=cfg.bs,
+                          cbs=[head_log])
+    steps.log.merge(head_log, n_groups(learn))
+    st = steps.done(f"{res.epochs} epoch(s) one-cycle at lr {lr:.2e}, body run once "
+                    f"({res.seconds_cache:.1f} s{', cached' if res.cache_hit else ''}), head trained in "
+                    f"{res.seconds_train:.1f} s", lr_max=lr, seconds_cache=round(res.seconds_cache, 2),
+                    seconds_train=round(res.seconds_train, 2), cache_hit=bool(res.cache_hit),
+                    train_loss=_num(res.train_loss), valid_loss=_num(res.valid_loss),
+                    accuracy=_num(res.accuracy))
+    print(f"     {_acc_text(st)[2:]}")
 
 
 def _num(v):
@@ -275,8 +278,6 @@ def _device_text() -> str:
 
 def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     """Run the eight steps of the lesson-2 recipe and write every output into `cfg.out`."""
-    from fastlesson.data import load_data
-
     cfg = (cfg or RecipeConfig()).effective()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +309,7 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
                n_classes=len(dls.vocab), n_train=n_train, n_valid=n_valid, n_skipped=len(skipped))
 
     # 2. LR range test on the frozen model (head only trains)
-    steps.start(2, "LR range test with the body frozen", "lr_find_head")
+    steps.start(2, "LR range test with the body frozen", "lr_find_head", record=False)
     lrf["head"] = _lr_range_test(learn, cfg, out / "lr_find_head.png", fallback=learn.lr)
     lr_head = lrf["head"]["suggestion"]
     steps.done(lrf["head"]["summary"], lrs=[], lr=lr_head)
@@ -316,7 +317,7 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     # 3. head on precomputed activations
     steps.start(3, "train the head on precomputed activations" if cfg.precompute
                 else "train the head (precompute off: full forward passes)", "precompute")
-    _precompute_step(learn, cfg, steps, lr_head, out)
+    _precompute_step(learn, cfg, steps, lr_head)
 
     # 4. head with augmentation, SGDR cycle_len=1
     steps.start(4, "train the head with augmentation (SGDR, cycle_len=1)", "head_sgdr")
@@ -339,7 +340,7 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
                lrs=[], ratios=[float(r) for r in ratios])
 
     # 7. LR range test again, unfrozen, keeping the ratios
-    steps.start(7, "LR range test again on the unfrozen model", "lr_find_full")
+    steps.start(7, "LR range test again on the unfrozen model", "lr_find_full", record=False)
     lrf["full"] = _lr_range_test(learn, cfg, out / "lr_find_full.png", fallback=lr_head / 10,
                                  lr_ratios=ratios.tolist())
     # never above the head's LR: a higher LR on a trained head undoes the work of steps 3-4

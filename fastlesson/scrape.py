@@ -335,6 +335,8 @@ def _fetch_all(entries: list[UrlEntry], staging: Path, cfg: ScrapeConfig, sleep)
             done = progress_bar(done, total=len(futures))
         for fut in done:
             results[futures[fut]] = fut.result()
+        if cfg.progress:
+            print()  # end the console progress bar's line
     except BaseException:
         # Ctrl-C or a bug: drop queued downloads, let running ones clean up their temp files, re-raise
         ex.shutdown(wait=True, cancel_futures=True)

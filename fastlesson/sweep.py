@@ -295,9 +295,9 @@ def run_sweep(grid: Mapping | None, data, out_dir: Path | str, seed: int = 42, s
     augmentation (pad-crop + flip for CIFAR-sized images); without it overfitting shows sooner.
     """
     log = log or (lambda msg: None)
+    configs = expand_grid(grid)  # validate before writing anything
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    configs = expand_grid(grid)
     source = str(data)
     if limit is not None:
         folder = Path(source) if Path(source).is_dir() else load_data(source, size=size, seed=seed).path

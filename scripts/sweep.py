@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from fastlesson.sweep import GRID_KEYS, SMOKE_GRID, make_smoke_data, run_sweep
+from fastlesson.sweep import GRID_KEYS, SMOKE_GRID, make_smoke_data, normalize_grid, run_sweep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     if args.smoke:
         grid = {**SMOKE_GRID, **grid}
     grid.update({k: getattr(args, k) for k in GRID_KEYS if getattr(args, k) is not None})
+    normalize_grid(grid)  # a bad key or value fails before smoke data or outputs are written
     data, size = args.data, args.size
     if args.smoke and data is None:
         data, size = make_smoke_data(args.out / "smoke-data", size=16), 16
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
         raise ValueError("--data is required (cifar10, cifar100 or an image folder), or use --smoke")
     result = run_sweep(grid, data, args.out, seed=args.seed, size=size, limit=args.limit,
                        aug=not args.no_aug)
-    print(f"\n{result.table}\ntrained {result.trained}, resumed {result.resumed}; "
+    print(f"\n{result.files['table'].read_text()}\ntrained {result.trained}, resumed {result.resumed}; "
           f"table {result.files['table']}, CSV {result.files['csv']}, plots {result.files['plots']}")
 
 

@@ -53,7 +53,8 @@ def make_tiny_learner(n_train=64, n_valid=32, n_classes=3, size=16, bs=16, seed=
     """A seconds-fast Learner with three layer groups (fastai's synth_learner in spirit)."""
     torch.manual_seed(seed)
     train, valid = synthetic_dsets(n_train, n_valid, n_classes, size, seed)
-    dls = DataLoaders.from_dsets(train, valid, bs=bs, shuffle=True, drop_last=False, device="cpu")
+    # num_workers=0: worker processes cost more than these tiny batches (3x slower tests)
+    dls = DataLoaders.from_dsets(train, valid, bs=bs, shuffle=True, drop_last=False, device="cpu", num_workers=0)
     kw.setdefault("metrics", accuracy)
     if splitter:
         kw.setdefault("splitter", tiny_splitter)

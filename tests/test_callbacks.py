@@ -33,7 +33,27 @@ from fastlesson.callbacks import (
     PlateauLR,
 )
 
-NB = 4  # batches per epoch of the tiny learner: 64 examples / bs 16
+NB = 2  # batches per epoch of the tiny learner below: 32 examples / bs 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared, busy CPU run far faster on one thread (many fits in this file)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def tiny(tiny_learner):
+    """conftest's tiny learner, smaller, with in-process data loading (no worker fork per epoch)."""
+    def make(**kw):
+        learn = tiny_learner(n_train=32, n_valid=16, size=8, **kw)
+        for dl in learn.dls.loaders:
+            dl.fake_l.num_workers = 0
+        return learn
+    return make
 
 
 # ---------- helpers ----------
@@ -134,7 +154,7 @@ class ProbeLoss(Callback):
 
 def hand_learner(loss_func, cbs=()):
     ds = TensorDataset(LOGITS.clone(), TARGETS.clone())
-    dls = DataLoaders.from_dsets(ds, ds, bs=4, shuffle=False, device="cpu")
+    dls = DataLoaders.from_dsets(ds, ds, bs=4, shuffle=False, device="cpu", num_workers=0)
     return Learner(dls, Scale(), loss_func=loss_func, opt_func=SGD, lr=0.0, cbs=list(cbs))
 
 
@@ -214,18 +234,18 @@ def test_hard_mining_bad_arguments(kw):
 FLAT = [1.0] * 10  # a monitored value that never improves after epoch 0
 
 
-def one_cycle_lrs(tiny_learner, *cbs, opt_func=None):
+def one_cycle_lrs(tiny, *cbs, opt_func=None):
     kw = {} if opt_func is None else dict(opt_func=opt_func)
-    learn = tiny_learner(**kw)
+    learn = tiny(**kw)
     probe = ProbeLR()
     learn.fit_one_cycle(4, slice(1e-3, 1e-2), cbs=[FeedMonitor(FLAT), probe, *cbs])
     return np.array(probe.lrs), np.array(learn.recorder.lrs)
 
 
-def test_plateau_lowers_lr_under_one_cycle_fastai_does_not(tiny_learner):
-    ref, _ = one_cycle_lrs(tiny_learner)
-    fastai_lrs, _ = one_cycle_lrs(tiny_learner, ReduceLROnPlateau(patience=2, factor=5))
-    ours, recorded = one_cycle_lrs(tiny_learner, PlateauLR(patience=2, factor=0.2))
+def test_plateau_lowers_lr_under_one_cycle_fastai_does_not(tiny):
+    ref, _ = one_cycle_lrs(tiny)
+    fastai_lrs, _ = one_cycle_lrs(tiny, ReduceLROnPlateau(patience=2, factor=5))
+    ours, recorded = one_cycle_lrs(tiny, PlateauLR(patience=2, factor=0.2))
     assert ref.shape == (4 * NB, 3)  # 3 layer groups
     np.testing.assert_allclose(fastai_lrs, ref)  # the defect: the scheduler undoes fastai's reduction
     # epoch 0 best, 1 and 2 no better -> reduced after epoch 2: epoch 3 runs at 0.2 x the schedule
@@ -234,18 +254,18 @@ def test_plateau_lowers_lr_under_one_cycle_fastai_does_not(tiny_learner):
     np.testing.assert_allclose(recorded, ours[:, -1])  # Recorder sees the LR really used
 
 
-def test_plateau_min_lr_never_raises_the_schedule(tiny_learner):
-    ref, _ = one_cycle_lrs(tiny_learner)
-    ours, _ = one_cycle_lrs(tiny_learner, PlateauLR(patience=1, factor=0.2, min_lr=1.0))
+def test_plateau_min_lr_never_raises_the_schedule(tiny):
+    ref, _ = one_cycle_lrs(tiny)
+    ours, _ = one_cycle_lrs(tiny, PlateauLR(patience=1, factor=0.2, min_lr=1.0))
     np.testing.assert_allclose(ours, ref)  # floor above the schedule: schedule kept as is
 
 
 @pytest.mark.parametrize("fit", ["fit", "one_cycle"])
-def test_plateau_with_optimwrapper_fastai_does_nothing(tiny_learner, fit):
+def test_plateau_with_optimwrapper_fastai_does_nothing(tiny, fit):
     opt_func = partial(OptimWrapper, opt=torch.optim.SGD)
 
     def run(*cbs):
-        learn, probe = tiny_learner(opt_func=opt_func), ProbeLR()
+        learn, probe = tiny(opt_func=opt_func), ProbeLR()
         cbs = [FeedMonitor(FLAT), probe, *cbs]
         learn.fit(4, 1e-2, cbs=cbs) if fit == "fit" else learn.fit_one_cycle(4, 1e-2, cbs=cbs)
         return np.array(probe.lrs)  # read from the inner torch optimizer's param_groups
@@ -257,8 +277,22 @@ def test_plateau_with_optimwrapper_fastai_does_nothing(tiny_learner, fit):
     np.testing.assert_allclose(ours[3 * NB:], 0.2 * ref[3 * NB:])
 
 
-def test_plateau_constant_lr_does_not_compound(tiny_learner):
-    learn, probe, cb = tiny_learner(), ProbeLR(), PlateauLR(patience=1, factor=0.5)
+@pytest.mark.parametrize("opt", [None, "lookahead-radam"])
+def test_plateau_scales_fastlesson_sgdr(tiny, opt):
+    from fastlesson.optim import opt_func
+    from fastlesson.schedule import fit_sgdr, sgdr_lrs
+
+    learn, probe = tiny() if opt is None else tiny(opt_func=opt_func(opt)), ProbeLR()
+    cb = PlateauLR(patience=2, factor=0.2)
+    fit_sgdr(learn, n_cycles=2, cycle_len=2, cycle_mult=1, lr_max=1e-2, cbs=[FeedMonitor(FLAT), probe, cb])
+    ref = sgdr_lrs(2, 2, NB, lr_max=1e-2, cycle_mult=1)  # the schedule's own per-batch LRs
+    lrs = np.array(probe.lrs)[:, -1]  # Lookahead: read from the torch param_groups it shares
+    np.testing.assert_allclose(lrs[: 3 * NB], ref[: 3 * NB])
+    np.testing.assert_allclose(lrs[3 * NB:], 0.2 * ref[3 * NB:])
+
+
+def test_plateau_constant_lr_does_not_compound(tiny):
+    learn, probe, cb = tiny(), ProbeLR(), PlateauLR(patience=1, factor=0.5)
     learn.fit(5, 1e-2, cbs=[FeedMonitor(FLAT), probe, cb])
     per_epoch = np.array(probe.lrs)[:, -1].reshape(5, NB)
     expected = 1e-2 * np.array([1, 1, 0.5, 0.25, 0.125])  # reduced after epochs 1, 2, 3 (patience 1)
@@ -267,8 +301,8 @@ def test_plateau_constant_lr_does_not_compound(tiny_learner):
     assert learn.opt.hypers[-1]["lr"] == pytest.approx(1e-2)  # unscaled value restored after each step
 
 
-def test_plateau_cooldown_and_min_lr(tiny_learner):
-    learn, probe = tiny_learner(), ProbeLR()
+def test_plateau_cooldown_and_min_lr(tiny):
+    learn, probe = tiny(), ProbeLR()
     cb = PlateauLR(patience=1, factor=0.5, cooldown=1, min_lr=3e-3)
     learn.fit(5, 1e-2, cbs=[FeedMonitor(FLAT), probe, cb])
     per_epoch = np.array(probe.lrs)[::NB, -1]
@@ -276,8 +310,8 @@ def test_plateau_cooldown_and_min_lr(tiny_learner):
     np.testing.assert_allclose(per_epoch, [1e-2, 1e-2, 5e-3, 5e-3, 3e-3])  # 2.5e-3 floored at min_lr
 
 
-def test_plateau_bad_monitor_names_choices(tiny_learner):
-    learn = tiny_learner()
+def test_plateau_bad_monitor_names_choices(tiny):
+    learn = tiny()
     with pytest.raises(ValueError, match="accuracy"):
         learn.fit(1, cbs=PlateauLR(monitor="acc"))
     with pytest.raises(ValueError, match="factor"):
@@ -289,23 +323,23 @@ def test_plateau_bad_monitor_names_choices(tiny_learner):
 SEQ = [3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]  # best at epoch 1, then no improvement
 
 
-def test_early_stopping_restores_best_fastai_does_not(tiny_learner):
-    learn, snaps = tiny_learner(), SnapEpochs()
+def test_early_stopping_restores_best_fastai_does_not(tiny):
+    learn, snaps = tiny(), SnapEpochs()
     es = EarlyStopping(patience=3)
     learn.fit(8, 1e-2, cbs=[FeedMonitor(SEQ), snaps, es])
     assert len(learn.recorder.values) == 5 and es.stopped_epoch == 4 and es.best_epoch == 1
     assert same_state(current_state(learn), snaps.snaps[1])  # the best epoch's weights came back
     assert not same_state(snaps.snaps[1], snaps.snaps[4])
 
-    learn, snaps = tiny_learner(), SnapEpochs()
+    learn, snaps = tiny(), SnapEpochs()
     learn.fit(8, 1e-2, cbs=[FeedMonitor(SEQ), snaps, EarlyStoppingCallback(patience=3)])
     assert len(learn.recorder.values) == 5
     assert same_state(current_state(learn), snaps.snaps[4])  # fastai: the last epoch's weights
     assert not same_state(current_state(learn), snaps.snaps[1])
 
 
-def test_early_stopping_without_restore_keeps_last(tiny_learner):
-    learn, snaps = tiny_learner(), SnapEpochs()
+def test_early_stopping_without_restore_keeps_last(tiny):
+    learn, snaps = tiny(), SnapEpochs()
     learn.fit(8, 1e-2, cbs=[FeedMonitor(SEQ), snaps, EarlyStopping(patience=2, restore_best_weights=False)])
     assert len(learn.recorder.values) == 4
     assert same_state(current_state(learn), snaps.snaps[-1])
@@ -324,9 +358,9 @@ class FileBytes(Callback):
         self.seen.append(self.path.read_bytes() if self.path.exists() else None)
 
 
-def test_best_checkpoint_never_overwrites_best_with_worse_or_nan(tiny_learner, tmp_path):
+def test_best_checkpoint_never_overwrites_best_with_worse_or_nan(tiny, tmp_path):
     path = tmp_path / "ckpt" / "best.pth"
-    learn, snaps, seen = tiny_learner(), SnapEpochs(), FileBytes(path)
+    learn, snaps, seen = tiny(), SnapEpochs(), FileBytes(path)
     cb = BestCheckpoint(path)
     learn.fit(4, 1e-2, cbs=[FeedMonitor([2.0, 1.0, 1.5, float("nan")]), snaps, cb, seen])
     assert seen.seen[0] != seen.seen[1]  # improvement -> saved
@@ -336,7 +370,7 @@ def test_best_checkpoint_never_overwrites_best_with_worse_or_nan(tiny_learner, t
     assert list(path.parent.iterdir()) == [path]  # no temp file left behind
 
 
-def test_best_checkpoint_skips_nonfinite_weights(tiny_learner, tmp_path):
+def test_best_checkpoint_skips_nonfinite_weights(tiny, tmp_path):
     class Poison(Callback):
         order = 55  # after the epoch's training, before BestCheckpoint looks
 
@@ -346,7 +380,7 @@ def test_best_checkpoint_skips_nonfinite_weights(tiny_learner, tmp_path):
                     next(self.learn.model.parameters()).fill_(float("nan"))
 
     path = tmp_path / "best.pth"
-    learn, seen = tiny_learner(), FileBytes(path)
+    learn, seen = tiny(), FileBytes(path)
     cb = BestCheckpoint(path)
     with pytest.warns(UserWarning, match="non-finite"):
         learn.fit(3, 1e-2, cbs=[FeedMonitor([3.0, 2.0, 1.0]), Poison(), cb, seen])
@@ -366,9 +400,9 @@ def crashing_save(obj, f, *args, **kwargs):
     raise OSError("simulated crash while saving")
 
 
-def test_best_checkpoint_crash_while_saving_keeps_previous(tiny_learner, tmp_path, monkeypatch):
+def test_best_checkpoint_crash_while_saving_keeps_previous(tiny, tmp_path, monkeypatch):
     path = tmp_path / "best.pth"
-    learn, cb = tiny_learner(), BestCheckpoint(path)
+    learn, cb = tiny(), BestCheckpoint(path)
     learn.fit(1, 1e-2, cbs=[FeedMonitor([2.0]), cb])
     before = path.read_bytes()
     monkeypatch.setattr(torch, "save", crashing_save)
@@ -378,9 +412,9 @@ def test_best_checkpoint_crash_while_saving_keeps_previous(tiny_learner, tmp_pat
     assert len(torch.load(path, weights_only=True)) > 0
 
 
-def test_fastai_save_model_crash_corrupts_best(tiny_learner, tmp_path, monkeypatch):
+def test_fastai_save_model_crash_corrupts_best(tiny, tmp_path, monkeypatch):
     # the plain-fastai defect BestCheckpoint fixes: SaveModelCallback writes the target file in place
-    learn = tiny_learner(path=tmp_path)
+    learn = tiny(path=tmp_path)
     learn.fit(1, 1e-2, cbs=[FeedMonitor([2.0]), SaveModelCallback(fname="best", reset_on_fit=False)])
     target = tmp_path / "models" / "best.pth"
     before = target.read_bytes()
@@ -390,8 +424,8 @@ def test_fastai_save_model_crash_corrupts_best(tiny_learner, tmp_path, monkeypat
     assert target.read_bytes() != before  # the previous best is gone
 
 
-def test_best_checkpoint_relative_name_and_load_best(tiny_learner, tmp_path):
-    learn, snaps = tiny_learner(path=tmp_path), SnapEpochs()
+def test_best_checkpoint_relative_name_and_load_best(tiny, tmp_path):
+    learn, snaps = tiny(path=tmp_path), SnapEpochs()
     cb = BestCheckpoint("stage1", load_best=True)
     learn.fit(3, 1e-2, cbs=[FeedMonitor([2.0, 1.0, 3.0]), snaps, cb])
     assert cb.saved_path == tmp_path / "models" / "stage1.pth"
@@ -401,42 +435,42 @@ def test_best_checkpoint_relative_name_and_load_best(tiny_learner, tmp_path):
 # ---------- NonFiniteGuard ----------
 
 class InjectNaN(Callback):
-    """Make batch 2 of epoch 1 produce a NaN loss, and keep the weights from just before it."""
+    """Make batch 1 of epoch 1 produce a NaN loss, and keep the weights from just before it."""
     order = -20
 
     def before_batch(self):
-        if self.training and self.epoch == 1 and self.iter == 2:
+        if self.training and self.epoch == 1 and self.iter == 1:
             self.before = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
             self.learn.xb = (self.learn.xb[0] * float("nan"),)
 
 
-def test_guard_stops_before_step_fastai_after(tiny_learner):
-    learn, inj = tiny_learner(), InjectNaN()
+def test_guard_stops_before_step_fastai_after(tiny):
+    learn, inj = tiny(), InjectNaN()
     learn.fit(3, 1e-2, cbs=[inj, TerminateOnNaNCallback()])
     assert not _finite(current_state(learn))  # fastai: the NaN step already happened
 
-    learn, inj, guard = tiny_learner(), InjectNaN(), NonFiniteGuard()
+    learn, inj, guard = tiny(), InjectNaN(), NonFiniteGuard()
     with pytest.warns(UserWarning, match="non-finite loss"):
         learn.fit(3, 1e-2, cbs=[inj, guard])
     assert _finite(current_state(learn))
     assert same_state(current_state(learn), inj.before)  # params and BatchNorm stats as before the batch
-    assert guard.stop_reason == "non-finite loss at epoch 1, batch 2"
+    assert guard.stop_reason == "non-finite loss at epoch 1, batch 1"
     assert len(learn.recorder.values) == 1  # stopped inside epoch 1
 
 
-def test_guard_catches_nonfinite_gradient_with_finite_loss(tiny_learner):
+def test_guard_catches_nonfinite_gradient_with_finite_loss(tiny):
     class NaNGradLoss(nn.Module):
-        """Finite loss; on batch 2 adds sqrt(|0|), whose gradient is NaN."""
+        """Finite loss; on the 3rd training batch adds sqrt(|0|), whose gradient is NaN."""
         def __init__(self):
             super().__init__()
             self.calls = 0
 
         def forward(self, pred, y):
-            self.calls += 1
+            self.calls += pred.requires_grad  # count training batches only
             loss = F.cross_entropy(pred, y)
             return loss + torch.sqrt((pred - pred.detach()).abs()).sum() if self.calls == 3 else loss
 
-    learn = tiny_learner()
+    learn = tiny()
     learn.loss_func = NaNGradLoss()
     before = current_state(learn)
 
@@ -446,6 +480,6 @@ def test_guard_catches_nonfinite_gradient_with_finite_loss(tiny_learner):
 
     guard = NonFiniteGuard()
     with pytest.warns(UserWarning, match="non-finite gradient"):
-        learn.fit(1, 1e-2, cbs=[Keep(), guard])
+        learn.fit(2, 1e-2, cbs=[Keep(), guard])
     assert guard.stop_reason.startswith("non-finite gradient") and _finite(current_state(learn))
     assert same_state(current_state(learn), before)

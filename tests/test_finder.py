@@ -121,10 +121,10 @@ def lr_loss_learner(tiny_learner, tmp_path, **kw):
 def test_sweep_is_exponential_applied_and_completes(tiny_learner, tmp_path):
     learn = mk(tiny_learner, tmp_path)
     log = LRLog()
-    r = find_lr(learn, start_lr=1e-6, end_lr=1e-3, num_it=30, cbs=[log])
+    r = find_lr(learn, start_lr=1e-6, end_lr=1e-3, num_it=25, cbs=[log])
     assert isinstance(r, LRFinderResult) and r.stop_reason == "completed"
-    assert len(r.lrs) == len(r.losses) == len(r.smoothed) == 30
-    np.testing.assert_allclose(r.lrs, np.geomspace(1e-6, 1e-3, 30), rtol=1e-12)  # ends at end_lr
+    assert len(r.lrs) == len(r.losses) == len(r.smoothed) == 25
+    np.testing.assert_allclose(r.lrs, np.geomspace(1e-6, 1e-3, 25), rtol=1e-12)  # ends at end_lr
     np.testing.assert_allclose(np.array(log.lrs)[:, -1], r.lrs, rtol=1e-12)  # what the optimizer used
     assert np.isfinite(r.losses).all() and r.lrs[0] <= r.suggestion <= r.lrs[-1]
     assert set(r.suggestions) == {"valley", "slide", "steep", "minimum"}
@@ -139,29 +139,29 @@ def test_small_dataset_runs_enough_epochs(tiny_learner, tmp_path):
 
 
 def test_divergence_stops_early_unless_stop_div_false(tiny_learner, tmp_path):
-    learn = lr_loss_learner(tiny_learner, tmp_path, grow_above=1e-3)
-    r = find_lr(learn, num_it=40)
-    assert r.stop_reason == "diverged" and len(r.losses) < 40
+    learn = lr_loss_learner(tiny_learner, tmp_path, grow_above=1e-1)
+    r = find_lr(learn, num_it=30)
+    assert r.stop_reason == "diverged" and len(r.losses) < 30
     assert r.smoothed[-1] > 4 * r.smoothed.min()  # fastai's 4x-best rule
-    r2 = find_lr(learn, num_it=40, stop_div=False)
-    assert r2.stop_reason == "completed" and len(r2.losses) == 40
+    r2 = find_lr(learn, num_it=30, stop_div=False)
+    assert r2.stop_reason == "completed" and len(r2.losses) == 30
 
 
 def test_nan_loss_stops_at_first_nonfinite_and_fastai_trains_on(tiny_learner, tmp_path):
-    learn = lr_loss_learner(tiny_learner, tmp_path, nan_above=1e-3)
+    learn = lr_loss_learner(tiny_learner, tmp_path, nan_above=5e-2)
     before = weights(learn)
-    r = find_lr(learn, end_lr=1, num_it=60)
+    r = find_lr(learn, end_lr=1, num_it=30)
     assert r.stop_reason == "non_finite"
-    n_ok = int(np.sum(np.geomspace(1e-7, 1, 60) <= 1e-3))  # batches whose LR keeps the loss finite
-    assert len(r.losses) == n_ok and np.isfinite(r.losses).all() and r.lrs.max() <= 1e-3
+    n_ok = int(np.sum(np.geomspace(1e-7, 1, 30) <= 5e-2))  # batches whose LR keeps the loss finite
+    assert len(r.losses) == n_ok and np.isfinite(r.losses).all() and r.lrs.max() <= 5e-2
     after = weights(learn)
     assert same_weights(before, after) and all(torch.isfinite(v.float()).all() for v in after.values())
     # plain fastai: `nan > 4*best` is False, so it keeps stepping on NaN to the last batch
     with learn.no_bar():
-        learn.lr_find(end_lr=1, num_it=60, show_plot=False)
+        learn.lr_find(end_lr=1, num_it=30, show_plot=False)
     fastai_losses = np.array([float(x) for x in learn.recorder.losses])
-    fastai_nan = np.array(learn.recorder.lrs) > 1e-3  # fastai's LRs run one step behind ours
-    assert len(fastai_losses) == 60 and fastai_nan.sum() > 1
+    fastai_nan = np.array(learn.recorder.lrs) > 5e-2  # fastai's LRs run one step behind ours
+    assert len(fastai_losses) == 30 and fastai_nan.sum() > 1
     assert np.isnan(fastai_losses[fastai_nan]).all()  # every NaN batch was trained on
 
 
@@ -221,14 +221,14 @@ def test_completed_sweep_restores_everything(tiny_learner, tmp_path):
     assert learn.opt is None
     learn.model.train()
     w = weights(learn)
-    r = find_lr(learn, num_it=40)
+    r = find_lr(learn, num_it=25, end_lr=1e-2)
     assert learn.opt is None  # it had none: a later fit creates a fresh one, as before
     assert same_weights(w, weights(learn)) and learn.model.training
     # with optimizer state and per-group hypers
     learn = trained(tiny_learner, tmp_path)
     learn.opt.set_hyper("lr", [1e-4, 1e-3, 1e-2])
     w, o, rec = weights(learn), opt_state(learn), list(learn.recorder.values)
-    r = find_lr(learn, num_it=40)
+    r = find_lr(learn, num_it=25, end_lr=1e-2)
     assert len(r.losses) > 0
     assert same_weights(w, weights(learn)) and same_tree(o, opt_state(learn))
     assert [h["lr"] for h in learn.opt.hypers] == [1e-4, 1e-3, 1e-2]
@@ -240,11 +240,11 @@ def test_no_writable_model_dir_needed(tiny_learner, tmp_path):
     blocker.write_text("a file where fastai wants path/model_dir")
     learn = mk(tiny_learner, blocker)
     w = weights(learn)
-    r = find_lr(learn, num_it=30)
+    r = find_lr(learn, num_it=25, end_lr=1e-2)
     assert len(r.losses) > 0 and same_weights(w, weights(learn))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_dir"]
     with pytest.raises(OSError), learn.no_bar():  # fastai saves a temp model under path/model_dir
-        learn.lr_find(num_it=30, show_plot=False)
+        learn.lr_find(num_it=25, end_lr=1e-2, show_plot=False)
 
 
 # ---------- discriminative groups ----------
@@ -259,7 +259,7 @@ def test_groups_swept_together_keeping_ratios(tiny_learner, tmp_path, lr_ratios,
     learn.create_opt()
     learn.opt.set_hyper("lr", [1e-3, 3e-3, 9e-3])
     log = LRLog()
-    r = find_lr(learn, num_it=40, lr_ratios=lr_ratios, cbs=[log])
+    r = find_lr(learn, num_it=25, end_lr=1e-2, lr_ratios=lr_ratios, cbs=[log])
     seen = np.array(log.lrs)
     assert seen.shape == (len(r.losses), 3)
     np.testing.assert_allclose(seen / seen[:, -1:], np.tile(ratios, (len(seen), 1)), rtol=1e-9)
@@ -270,7 +270,7 @@ def test_groups_swept_together_keeping_ratios(tiny_learner, tmp_path, lr_ratios,
 
 def test_one_group_model_has_no_group_lrs_and_rejects_a_slice(tiny_learner, tmp_path):
     learn = mk(tiny_learner, tmp_path, splitter=False)
-    r = find_lr(learn, num_it=30)
+    r = find_lr(learn, num_it=25, end_lr=1e-2)
     assert r.group_lrs is None
     with pytest.raises(ValueError, match="one layer group"):
         find_lr(learn, num_it=30, lr_ratios=slice(1e-5, 1e-3))
@@ -362,7 +362,7 @@ def test_too_few_points_for_suggestions():
 # ---------- plot ----------
 
 def test_plot_returns_figure_marks_suggestion_and_writes_png(tiny_learner, tmp_path):
-    r = find_lr(mk(tiny_learner, tmp_path), num_it=30)
+    r = find_lr(mk(tiny_learner, tmp_path), num_it=25, end_lr=1e-2)
     fig = r.plot()
     ax = fig.axes[0]
     assert isinstance(fig, Figure) and ax.get_xscale() == "log"

@@ -381,6 +381,16 @@ def test_rerun_keeps_earlier_search_hits_but_follows_an_edited_url_list(server, 
     assert len(list(cfg.dest.rglob("*.jpg"))) == 2  # the file of the removed URL is gone
 
 
+def test_duplicate_becomes_kept_when_its_original_leaves_the_list(server, tmp_path):
+    urls = write_urls(tmp_path / "u.json", server, {"daisy": ["/good/daisy/0.jpg", "/dup-copy.jpg"]})
+    cfg = small_cfg(tmp_path / "d", from_urls=urls)
+    assert [e.status for e in scrape_dataset(cfg, sleep=Sleeps()).entries] == ["ok", "duplicate"]
+    write_urls(urls, server, {"daisy": ["/dup-copy.jpg"]})
+    after = scrape_dataset(cfg, sleep=Sleeps())
+    assert [e.status for e in after.entries] == ["ok"] and after.n_fetched == 1  # its file was never kept
+    assert (cfg.dest / after.entries[0].path).is_file() and len(list(cfg.dest.rglob("*.jpg"))) == 1
+
+
 def test_interrupted_download_leaves_no_partial_file(server, tmp_path, monkeypatch):
     urls = write_urls(tmp_path / "u.json", server, {"horse": [f"/good/horse/{i}.jpg" for i in range(4)]})
     cfg = small_cfg(tmp_path / "d", from_urls=urls, workers=1)

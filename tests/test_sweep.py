@@ -1,6 +1,7 @@
 """Sweeps: grid parsing, the seed's table, CSV and plots, resume, optimizers, the CLI."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -89,28 +90,6 @@ def test_subset_folder_keeps_first_n_per_class(tmp_path, smoke_data):
         subset_folder(tmp_path / "nowhere", tmp_path / "x", 2)
 
 
-def test_resume_skips_finished_configurations(tmp_path, smoke_data, monkeypatch):
-    calls = []
-    real = sweep.train_config
-
-    def counting(cfg, dls, seed=42):
-        calls.append(cfg["lr"])
-        return real(cfg, dls, seed=seed)
-
-    monkeypatch.setattr(sweep, "train_config", counting)
-    grid = {**SMOKE_GRID, "epochs": [1]}
-    first = run_sweep(grid, smoke_data, tmp_path, size=16, log=None)
-    assert len(calls) == 2 and first.trained == 2
-    again = run_sweep(grid, smoke_data, tmp_path, size=16, log=None)
-    assert len(calls) == 2 and again.resumed == 2 and again.records == first.records
-    bigger = run_sweep({**grid, "lr": [1e-3, 3e-3, 1e-2]}, smoke_data, tmp_path, size=16, log=None)
-    assert calls == [1e-3, 3e-3, 1e-2] and (bigger.trained, bigger.resumed) == (1, 2)
-    assert len(bigger.records) == 3
-    rec = bigger.records[0]
-    assert rec["seed"] == 42 and ("threads" in rec["hardware"] or "CUDA" in rec["hardware"])
-    assert len(rec["train_loss"]) == len(rec["valid_loss"]) == 1 and 0 <= rec["accuracy"] <= 1
-
-
 def test_optimizer_comparison_same_budget(tmp_path, smoke_data):
     grid = {**SMOKE_GRID, "lr": [3e-3], "epochs": [1], "opt": list(OPTIMIZERS)}
     result = run_sweep(grid, smoke_data, tmp_path, size=16, log=None)
@@ -121,23 +100,61 @@ def test_optimizer_comparison_same_budget(tmp_path, smoke_data):
     assert "| optimizer | " + " | ".join(OPTIMIZERS) + " |" in result.table
 
 
-def test_cli_smoke_writes_table_csv_plots(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One smoke sweep through the CLI in a subprocess (imports dominate its time)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--smoke", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_cli_smoke_writes_table_csv_plots(cli_run):
+    out, stdout = cli_run
     table = (out / "sweep.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| |"))
     assert header.count("#") == 2  # one column per configuration
-    assert "test accuracy" in table and "training time" in table
+    assert "test accuracy" in table and "training time" in table and "test split" in table
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert len(rows) == 2 and {r["lr"] for r in rows} == {"0.001", "0.003"}
     assert sorted(p.stem for p in (out / "plots").glob("*.png")) == sorted(r["key"] for r in rows)
     effective = yaml.safe_load((out / "grid.yaml").read_text())
     assert effective["grid"]["lr"] == [0.001, 0.003] and effective["n_configs"] == 2
-    assert "trained 2, resumed 0" in proc.stdout
-    # bad key through the CLI: a clear error, nothing trained
+    assert "trained 2, resumed 0" in stdout
+
+
+def test_resume_skips_finished_configurations(cli_run, monkeypatch):
+    out, _ = cli_run
+    calls = []
+    real = sweep.train_config
+
+    def counting(cfg, dls, seed=42):
+        calls.append(cfg["lr"])
+        return real(cfg, dls, seed=seed)
+
+    monkeypatch.setattr(sweep, "train_config", counting)
+    before = json.loads((out / "results.json").read_text())
+    # the CLI's run, resumed in-process: same grid and data -> nothing trained, same records
+    again = run_sweep(SMOKE_GRID, out / "smoke-data", out, size=16, log=None)
+    assert calls == [] and (again.trained, again.resumed) == (0, 2)
+    assert again.records == [before[r["key"]] for r in again.records]
+    bigger = run_sweep({**SMOKE_GRID, "lr": [1e-3, 3e-3, 1e-2]}, out / "smoke-data", out, size=16, log=None)
+    assert calls == [1e-2] and (bigger.trained, bigger.resumed) == (1, 2)
+    assert len(bigger.records) == 3 and "#3" in (out / "sweep.md").read_text()
+    rec = bigger.records[2]
+    assert rec["seed"] == 42 and ("threads" in rec["hardware"] or "CUDA" in rec["hardware"])
+    assert len(rec["train_loss"]) == len(rec["valid_loss"]) == 2 and 0 <= rec["accuracy"] <= 1
+
+
+def test_cli_bad_grid_key(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("sweep_cli", ROOT / "scripts" / "sweep.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: [0.1]\n")
-    proc = subprocess.run(cmd + ["--grid", str(bad)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
-    assert proc.returncode != 0 and "valid keys" in proc.stderr
+    with pytest.raises(ValueError, match="valid keys"):
+        cli.main(["--smoke", "--out", str(tmp_path / "o"), "--grid", str(bad)])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        cli.main(["--data", "x", "--grid", str(tmp_path / "missing.yaml")])
+    assert not (tmp_path / "o").exists()  # checked before any data or output is written
