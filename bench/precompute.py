@@ -66,11 +66,16 @@ def main() -> None:
     ap.add_argument("--data", default=DEFAULT_DATA, help="train/ + valid/ class folders (default: %(default)s)")
     ap.add_argument("--size", type=int, default=160, help="image side in px (default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=2, help="head epochs for both (default: %(default)s)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="one-cycle lr_max for both (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=1e-2, help="one-cycle lr_max for both (default: %(default)s)")
     ap.add_argument("--bs", type=int, default=64, help="batch size (default: %(default)s)")
     ap.add_argument("--limit", type=int, default=None, help="images per class and split, for a quick run")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     data = resolve_data(args.data)
     with tempfile.TemporaryDirectory() as tmp:

@@ -317,7 +317,7 @@ class NonFiniteGuard(Callback):
     def _stop(self, what: str):
         with torch.no_grad():
             for b, saved in zip(self.learn.model.buffers(), self._saved_buffers or []):
-                pass
+                b.copy_(saved)
         self.stop_reason = f"non-finite {what} at epoch {self.epoch}, batch {self.iter}"
         warnings.warn(f"{self.stop_reason}: training stopped before the optimizer step", stacklevel=2)
         raise CancelFitException()

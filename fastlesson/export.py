@@ -139,6 +139,9 @@ def _atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -297,16 +300,19 @@ def _load_pickle(pkl: Path, device=None) -> Predictor:
 
 def predict_files(predictor: Predictor, paths: Iterable, tta: bool = False,
                   bs: int = PREDICT_BS) -> Iterator[dict]:
-    """Yield one dict per image file: {path, label, prob, top5} or {path, error} if unreadable."""
+    """Yield one dict per image file, in order: {path, label, prob, top5}, or {path, error}."""
     files = image_files(paths)
     for i in range(0, len(files), bs):
-        chunk, imgs = [], []
+        rows, imgs = [], []
         for f in files[i:i + bs]:
             try:
                 imgs.append(load_rgb(f))
-                chunk.append(f)
+                rows.append({"path": str(f)})
             except (FileNotFoundError, ValueError) as e:
-                yield {"path": str(f), "error": str(e)}
-        for f, pred in zip(chunk, predictor.predict(imgs, tta=tta, bs=bs) if imgs else []):
-            yield {"path": str(f), "label": pred.label, "prob": pred.prob,
-                   "top5": [[lab, p] for lab, p in pred.top5]}
+                rows.append({"path": str(f), "error": str(e)})
+        preds = iter(predictor.predict(imgs, tta=tta, bs=bs) if imgs else [])
+        for row in rows:
+            if "error" not in row:
+                pred = next(preds)
+                row.update(label=pred.label, prob=pred.prob, top5=[[lab, p] for lab, p in pred.top5])
+            yield row

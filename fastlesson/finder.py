@@ -49,23 +49,29 @@ class LRFinderResult:
     suggestion: float  # the one the recipe uses: valley clamped near the minimum (see suggest_lrs)
     stop_reason: str  # "completed" | "diverged" | "non_finite"
     group_lrs: np.ndarray | None = None  # per-group LRs at `suggestion` (None for one group)
-    window: tuple[int, int] = (0, 0)  # [start, end) of the points the suggestions were computed on
+    window: tuple[int, int] | None = None  # [start, end) of the points suggested from (None: all)
 
     def plot(self, path: str | os.PathLike | None = None, ax=None) -> Figure:
         """Loss vs LR (log x) with the suggestion and fastai's four marked; writes a PNG to `path`."""
         if ax is None:
-            fig = Figure(figsize=(6, 4))  # no pyplot: works headless and leaks no global figures
+            # no pyplot: works headless and leaks no global figures
+            fig = Figure(figsize=(6, 4), layout="constrained")
             ax = fig.add_subplot()
         else:
             fig = ax.figure
         ax.plot(self.lrs, self.losses, color="0.75", lw=0.8, label="loss (raw)")
         ax.plot(self.lrs, self.smoothed, color="C0", label="loss (smoothed)")
-        lo, hi = self.window
+        lo, hi = self.window or (0, len(self.lrs))
         wl, ws = np.log10(self.lrs[lo:hi]), self.smoothed[lo:hi]
         for i, (name, lr) in enumerate(self.suggestions.items()):
             ax.plot(lr, np.interp(np.log10(lr), wl, ws), "o", color=f"C{i + 2}", label=f"{name} {lr:.1e}")
         ax.axvline(self.suggestion, color="C1", ls="--", label=f"suggestion {self.suggestion:.1e}")
         ax.set_xscale("log")
+        # y range from the analysed smoothed curve: the raw blow-up at the end would flatten it
+        bottom = min(ws.min(), self.losses[lo:hi].min())
+        top = max(ws.max(), self.smoothed[0])
+        pad = max(top - bottom, 1e-3 * abs(top), 1e-12)
+        ax.set_ylim(bottom - 0.1 * pad, top + 0.25 * pad)
         ax.set_xlabel("learning rate (top group)")
         ax.set_ylabel("train loss")
         ax.set_title(f"LR range test ({self.stop_reason}, {len(self.lrs)} batches)")
@@ -97,12 +103,15 @@ def suggest_lrs(lrs, losses) -> tuple[dict[str, float], float]:
 
     The robust suggestion is fastai's ``valley`` clamped into ``[lr_min/100, lr_min/3]``, where
     ``lr_min`` is the LR of the lowest (smoothed) loss; if valley is not finite, ``lr_min/10``
-    (fastai's ``minimum``). Why: the argmin of the smoothed loss is the most stable feature of the
-    curve, while valley/slide/steep can land orders of magnitude apart (valley at the first points of
-    a noisy, flat start; steep on a single noisy drop; slide anywhere on a flat curve). Anchoring both
+    (fastai's ``minimum``); finally kept inside the LRs actually measured. Why: the argmin of the
+    smoothed loss is the most stable feature of the curve, while valley/slide/steep can land orders
+    of magnitude apart (valley halfway between start_lr and the minimum on a clean curve, or at the
+    first points of a noisy flat start; steep on one noisy drop; slide anywhere on a flat curve).
+    Anchoring both
     ends on ``lr_min`` keeps the pick below the LR where loss stops falling (training there is on the
     edge of divergence) and at most two decades under it (lower LRs barely train), and inside that
-    window valley still chooses the point of steady descent.
+    window valley still chooses the point of steady descent. On typical fine-tuning curves valley
+    already sits 10-100x below ``lr_min`` and is returned unchanged.
     """
     lrs, losses = _finite_prefix(lrs, losses)
     if len(losses) < MIN_POINTS:
@@ -116,7 +125,8 @@ def suggest_lrs(lrs, losses) -> tuple[dict[str, float], float]:
     lo, hi = lr_min * SUGGEST_WINDOW[0], lr_min * SUGGEST_WINDOW[1]
     v = suggestions["valley"]
     suggestion = float(np.clip(v, lo, hi)) if math.isfinite(v) and v > 0 else lr_min / 10
-    return suggestions, suggestion
+    # no data outside the sweep: a curve rising from its first point gets the first LR, not lower
+    return suggestions, float(np.clip(suggestion, lrs[0], lrs[-1]))
 
 
 def _smooth(losses, beta: float = SMOOTH_BETA) -> np.ndarray:

@@ -98,6 +98,11 @@ class Lookahead(torch.optim.Optimizer):
             p = params[int(i)]
             self.state[p]["slow"] = s.detach().to(device=p.device, dtype=p.dtype).clone()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's version keeps only defaults/state/param_groups; deepcopy and pickle need ours too
+        return {**super().__getstate__(), "optimizer": self.optimizer, "k": self.k, "alpha": self.alpha,
+                "n_steps": self.n_steps}
+
     def __repr__(self) -> str:
         return f"Lookahead(k={self.k}, alpha={self.alpha}, {self.optimizer!r})"
 

@@ -191,6 +191,8 @@ def _features(learn, bs, cache_dir, device) -> tuple[CachedFeatures, str, bool, 
                          "set safely; use fastai Datasets / a TensorDataset, or pass cache_dir=None.")
     path = Path(cache_dir) / f"precompute-{key}.safetensors" if cache_dir is not None else None
     if key is not None and key in _MEMORY:
+        if path is not None and not path.exists():
+            _save(path, _MEMORY[key], key)
         return _MEMORY[key], key, True, path
     if path is not None and path.exists():
         feats, hit = _load(path, key), True

@@ -44,7 +44,7 @@ from fastlesson.schedule import (
 
 N_STEPS = 8
 TTA_N = 4  # augmented passes averaged by fastai's tta (its default), plus one plain pass
-SMOKE = {"size": 32, "bs": 16, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
+SMOKE = {"size": 32, "bs": 8, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
          "lr_find_iters": 32, "top_losses": 4}  # seconds-long run that still makes every output
 MIN_LR_FIND_ITERS = 24  # find_lr needs 16 points after dropping the first 10% and the last 5
 
@@ -167,11 +167,47 @@ class _BestWeights(Callback):
 
     def __init__(self, model, valid_loss: float):
         self.best, self.state, self.improved = valid_loss, _state_copy(model), False
+        self.offset, self.best_epoch = 0, 0  # epochs before this fit; best epoch (1-based, 0 = start)
 
     def after_epoch(self):
         loss = float(self.recorder.values[-1][1]) if self.recorder.values else math.nan
         if math.isfinite(loss) and loss < self.best:
             self.best, self.state, self.improved = loss, _state_copy(self.model), True
+            self.best_epoch = self.offset + self.epoch + 1
+
+
+def fit_until_overfit(learn, lr_max, epochs_max: int, cycle_len: int = 1, cycle_mult: int = 2, cbs=None,
+                      baseline: float | None = None) -> dict:
+    """SGDR cycles of cycle_len, cycle_len*cycle_mult, ... epochs while validation loss improves.
+
+    Stops after the first cycle in which no epoch beat the best validation loss so far (it starts to
+    overfit), or before a cycle that would pass `epochs_max`; then loads the best weights seen (kept
+    in memory), which may be the starting weights (`baseline`: their validation loss, measured when
+    None). Returns {cycles, epochs, best_valid_loss, best_epoch, reason}.
+    """
+    if isinstance(epochs_max, bool) or not isinstance(epochs_max, int) or epochs_max < 1:
+        raise ValueError(f"epochs_max={epochs_max!r} must be an integer >= 1")
+    if baseline is None:
+        baseline = float(learn.validate()[0])
+    best = _BestWeights(learn.model, baseline)
+    epochs = cycles = 0
+    while True:
+        length = sgdr_cycle_lengths(cycles + 1, cycle_len, cycle_mult)[-1]
+        if epochs + length > epochs_max:
+            reason = f"the next cycle ({length} epochs) would pass epochs_max={epochs_max}"
+            break
+        print(f"  cycle {cycles + 1}: {length} epoch(s)", flush=True)
+        best.improved = False
+        best.offset = epochs
+        fit_sgdr(learn, n_cycles=1, cycle_len=length, cycle_mult=cycle_mult, lr_max=lr_max,
+                 cbs=[best, *(cbs or [])])
+        epochs, cycles = epochs + length, cycles + 1
+        if not best.improved:
+            reason = f"validation loss did not improve in cycle {cycles} (it starts to overfit)"
+            break
+    learn.model.load_state_dict(best.state)
+    return {"cycles": cycles, "epochs": epochs, "best_valid_loss": _num(best.best),
+            "best_epoch": best.best_epoch, "reason": reason}
 
 
 def _state_copy(model) -> dict:
@@ -236,7 +272,7 @@ def _precompute_step(learn, cfg, steps: _Steps, lr: float) -> None:
     if not cfg.precompute:
         fit_one_cycle(learn, cfg.precompute_epochs, lr_max=lr)
         st = steps.done(f"{cfg.precompute_epochs} epoch(s) one-cycle at lr {lr:.2e}, no precompute",
-                        lr_max=lr, note="precompute off")
+                        lr=lr, note="precompute off: full forward passes with augmentation")
         print(f"     {_acc_text(st)[2:]}")
         return
     head_log = _RunLog()  # the head trains in its own Learner: log it there, then merge
@@ -247,10 +283,11 @@ def _precompute_step(learn, cfg, steps: _Steps, lr: float) -> None:
     steps.log.merge(head_log, n_groups(learn))
     st = steps.done(f"{res.epochs} epoch(s) one-cycle at lr {lr:.2e}, body run once "
                     f"({res.seconds_cache:.1f} s{', cached' if res.cache_hit else ''}), head trained in "
-                    f"{res.seconds_train:.1f} s", lr_max=lr, seconds_cache=round(res.seconds_cache, 2),
+                    f"{res.seconds_train:.1f} s", lr=lr, seconds_cache=round(res.seconds_cache, 2),
                     seconds_train=round(res.seconds_train, 2), cache_hit=bool(res.cache_hit),
                     train_loss=_num(res.train_loss), valid_loss=_num(res.valid_loss),
-                    accuracy=_num(res.accuracy))
+                    accuracy=_num(res.accuracy),
+                    note=f"body run once in {res.seconds_cache:.1f} s, head trained in {res.seconds_train:.1f} s")
     print(f"     {_acc_text(st)[2:]}")
 
 
@@ -349,31 +386,18 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     capped = lr_top < lrf["full"]["suggestion"]
     steps.done(lrf["full"]["summary"] + (" (capped at the head LR)" if capped else "") + "; group LRs "
                + " / ".join(f"{v:.1e}" for v in lrs_full), lrs=[], lr=[float(v) for v in lrs_full],
-               capped_at_head_lr=capped)
+               capped_at_head_lr=capped,
+               note=f"suggested {lrf['full']['suggestion']:.1e}, capped at the head LR" if capped else "")
 
     # 8. full network, SGDR cycle_mult=2, until validation loss stops improving
     steps.start(8, "train the full network (SGDR, cycle_mult=2) until it overfits", "full_sgdr")
     base_loss = next((r["valid_loss"] for r in reversed(log.rows) if r.get("valid_loss") is not None),
-                     math.inf)
-    best = _BestWeights(learn.model, base_loss)
-    epochs, cycle, why = 0, 0, ""
-    while True:
-        length = sgdr_cycle_lengths(cycle + 1, 1, 2)[-1]
-        if epochs + length > cfg.epochs_max:
-            why = f"the next cycle ({length} epochs) would pass epochs_max={cfg.epochs_max}"
-            break
-        best.improved = False
-        print(f"  cycle {cycle + 1}: {length} epoch(s)")
-        fit_sgdr(learn, n_cycles=1, cycle_len=length, cycle_mult=2, lr_max=lrs_full,
-                 cbs=[best, *mining])
-        epochs, cycle = epochs + length, cycle + 1
-        if not best.improved:
-            why = f"validation loss did not improve in cycle {cycle} (overfitting starts)"
-            break
-    learn.model.load_state_dict(best.state)  # best epoch of step 8 (or its start if none was better)
-    st = steps.done(f"{cycle} cycle(s), {epochs} epochs; stopped: {why}; best valid loss "
-                    f"{best.best:.3f} restored", lr=[float(v) for v in lrs_full], cycles=cycle,
-                    stopped=why, best_valid_loss=_num(best.best))
+                     None)
+    stop = fit_until_overfit(learn, lrs_full, cfg.epochs_max, cbs=mining, baseline=base_loss)
+    bvl = stop["best_valid_loss"]
+    steps.done(f"{stop['cycles']} cycle(s), {stop['epochs']} epochs; stopped: {stop['reason']}; best valid "
+               f"loss {'n/a' if bvl is None else f'{bvl:.3f}'} (epoch {stop['best_epoch']}) restored", lr=[float(v) for v in lrs_full], **stop,
+               note=f"{stop['cycles']} cycle(s); stopped: {stop['reason']}")
     learn.remove_cb(log)
 
     # final evaluation, plots, report, export

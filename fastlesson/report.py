@@ -58,11 +58,12 @@ def plot_lr_schedule(segments: Sequence[tuple[str, np.ndarray]], path=None) -> F
         lrs = lrs.reshape(len(lrs), -1)
         x = np.arange(start, start + len(lrs))
         for g in range(lrs.shape[1]):
-            ax.plot(x, lrs[:, g], color=f"C{g}", lw=1.2, label=None if g in labelled else f"group {g}")
+            ax.plot(x, lrs[:, g], color=f"C{g}", lw=1.2, marker="." if len(lrs) < 40 else None,
+                    label=None if g in labelled else f"group {g}")
             labelled.add(g)
         spans.append((name, start, start + len(lrs)))
         start += len(lrs)
-    _shade_steps(ax, spans)
+    _shade_steps(ax, spans, offset=-0.5)  # batch i sits at x=i: its band is [i - 0.5, i + 0.5]
     ax.set_yscale("log")
     ax.set_xlabel("batch (all training steps, in order)")
     ax.set_ylabel("learning rate")
@@ -217,10 +218,11 @@ def write_report(out_dir, config: dict, metrics: dict, plots: dict[str, str]) ->
     if metrics.get("skipped"):
         lines += [f"{len(metrics['skipped'])} unreadable image(s) were skipped, listed in metrics.json.", ""]
     lines += ["## Steps", "",
-              "| # | step | LR | epochs | seconds | train loss | valid loss | accuracy | note |",
+              "| # | step | LR (per group) | epochs | seconds | train loss | valid loss | accuracy | note |",
               "|---|---|---|---|---|---|---|---|---|"]
     for s in metrics.get("steps", []):
-        lines.append(f"| {s['index']} | {s['name']} | {_fmt(s.get('lr'))} | {_fmt(s.get('epochs'))} | "
+        lines.append(f"| {s['index']} | {s.get('title', s['name'])} | {_fmt(s.get('lr'))} | "
+                     f"{_fmt(s.get('epochs') or None)} | "
                      f"{_fmt(s.get('seconds'))} | {_fmt(s.get('train_loss'))} | {_fmt(s.get('valid_loss'))} | "
                      f"{_fmt(s.get('accuracy'), True)} | {s.get('note', '')} |")
     lines.append("")

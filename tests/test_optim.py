@@ -94,6 +94,18 @@ def test_state_dict_round_trip_through_weights_only_file(tmp_path):
         torch.testing.assert_close(p, p2)
 
 
+def test_deepcopy_keeps_inner_optimizer_and_shared_groups():
+    import copy
+
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = Lookahead(torch.optim.SGD([w], lr=0.1), k=2)
+    _quadratic_steps(opt, w, 3)
+    dup = copy.deepcopy(opt)
+    assert (dup.k, dup.n_steps) == (2, 3) and dup.param_groups is dup.optimizer.param_groups
+    dup.param_groups[0]["lr"] = 0.5
+    assert dup.optimizer.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["lr"] == 0.1
+
+
 def test_load_state_dict_rejects_plain_optimizer_state():
     w = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(ValueError, match="Lookahead state_dict"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyCNN, make_tiny_learner
 from fastai.callback.core import Callback
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
@@ -16,6 +15,7 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.learner import create_head
 from torch import nn
 
+from conftest import TinyCNN, make_tiny_learner
 from fastlesson.precompute import clear_memory_cache, precompute_head
 
 
@@ -59,6 +59,19 @@ def test_full_model_equals_head_on_cached_activations_datablock(image_folder):
     assert torch.allclose(preds, _head_preds(learn, res.features), atol=1e-5)
     assert torch.equal(targs, res.features.valid_y)
     assert res.accuracy == pytest.approx(float((preds.argmax(1) == targs).float().mean()))
+
+
+def test_works_on_fastlesson_load_data(image_folder):
+    """load_data's DataFrame-backed DataBlock (ColReader items) goes through test_dl as well."""
+    from fastlesson.data import load_data
+
+    dls = load_data(image_folder(n_per_class=4), size=24, bs=8).dls
+    learn = Learner(dls, nn.Sequential(TinyCNN(3)[0], create_head(16, dls.c)))
+    res = precompute_head(learn, 1, lr_max=1e-2)
+    preds, _ = learn.get_preds(ds_idx=1, act=noop)
+    assert torch.allclose(preds, _head_preds(learn, res.features), atol=1e-5)
+    clear_memory_cache()
+    assert torch.equal(precompute_head(learn, 1).features.train_x, res.features.train_x)  # no augmentation
 
 
 def test_no_random_augmentation_in_cached_activations(image_folder):
@@ -109,6 +122,8 @@ def test_disk_cache_hit_and_safe_file(tiny_learner, tmp_path):
     assert torch.equal(second.features.valid_x, first.features.valid_x)
     third = precompute_head(learn, 1)  # memory hit, no disk needed
     assert third.cache_hit
+    fourth = precompute_head(learn, 1, cache_dir=tmp_path / "new")  # memory hit still lands on disk
+    assert fourth.cache_hit and fourth.cache_path.exists()
 
 
 def test_tampered_cache_file_is_refused(tiny_learner, tmp_path):

@@ -92,9 +92,10 @@ def test_subset_folder_keeps_first_n_per_class(tmp_path, smoke_data):
 
 def test_optimizer_comparison_same_budget(tmp_path, smoke_data):
     grid = {**SMOKE_GRID, "lr": [3e-3], "epochs": [1], "opt": list(OPTIMIZERS)}
-    result = run_sweep(grid, smoke_data, tmp_path, size=16, log=None)
+    result = run_sweep(grid, smoke_data, tmp_path, size=16, limit=4, log=None)
     assert [r["opt"] for r in result.records] == list(OPTIMIZERS)
-    assert {r["n_train"] for r in result.records} == {36} and all(len(r["train_loss"]) == 1 for r in result.records)
+    # limit=4: 4 images per class (3 classes) in each split
+    assert {(r["n_train"], r["n_valid"]) for r in result.records} == {(12, 12)} and all(len(r["train_loss"]) == 1 for r in result.records)
     # the optimizer really changes training: same seed and data, different losses
     assert len({round(r["train_loss"][0], 6) for r in result.records}) == len(OPTIMIZERS)
     assert "| optimizer | " + " | ".join(OPTIMIZERS) + " |" in result.table

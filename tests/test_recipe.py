@@ -1,0 +1,168 @@
+"""The eight-step recipe on a tiny smoke run: step order, printed headers, every output, export."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from _recipe_helpers import write_image_folder
+from PIL import Image
+
+import fastlesson.callbacks as fl_callbacks
+from fastlesson.export import load_model
+from fastlesson.recipe import SMOKE, RecipeConfig, fit_until_overfit, run_recipe
+
+STEP_NAMES = ["data", "lr_find_head", "precompute", "head_sgdr", "unfreeze", "discriminative",
+              "lr_find_full", "full_sgdr"]
+PNGS = ["lr_find_head.png", "lr_find_full.png", "lr_schedule.png", "losses.png", "confusion.png",
+        "top_losses.png"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One smoke run (pretrained tf_efficientnet_lite0, 32 px) with hard-example mining switched on."""
+    root = write_image_folder(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("run")
+    calls = []
+    orig = fl_callbacks.HardExampleMining.after_loss
+
+    def counting(self):
+        calls.append(self.frac)
+        return orig(self)
+
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        mp.setattr(fl_callbacks.HardExampleMining, "after_loss", counting)
+        res = run_recipe(RecipeConfig(data=str(root), smoke=True, out=str(out), hard_mining=0.5))
+    return res, out, root, buf.getvalue(), calls
+
+
+def test_steps_run_in_order_with_headers(run):
+    res, _, _, printed, _ = run
+    assert [s["name"] for s in res.steps] == STEP_NAMES
+    assert [s["index"] for s in res.steps] == list(range(1, 9))
+    headers = re.findall(r"^Step (\d)/8: (.+)$", printed, flags=re.M)
+    assert [int(i) for i, _ in headers] == list(range(1, 9))
+    assert headers[2][1] == "train the head on precomputed activations"
+    results = re.findall(r"^  -> .+$", printed, flags=re.M)
+    assert len(results) == 8  # one result line per step
+
+
+def test_learning_rates_follow_the_recipe(run):
+    res, *_ = run
+    s = {st["name"]: st for st in res.steps}
+    lr_head = s["lr_find_head"]["lr"]
+    assert s["precompute"]["lr"] == lr_head and s["head_sgdr"]["lr"] == lr_head
+    ratios = np.array(s["discriminative"]["ratios"])
+    assert len(ratios) >= 3 and np.allclose(ratios[:-1] / ratios[1:], 1 / res.config.lr_factor)
+    full = np.array(s["lr_find_full"]["lr"])
+    assert np.allclose(full / full[-1], ratios)  # step 8 trains with the discriminative LRs
+    assert full[-1] <= lr_head  # never above the head's LR
+    assert np.allclose(s["full_sgdr"]["lr"], full)
+    assert s["unfreeze"]["trainable_groups"] == len(ratios)
+
+
+def test_outputs_written(run):
+    res, out, *_ = run
+    for name in ["config.json", "metrics.json", "history.csv", "report.md", "model.json",
+                 "model.safetensors", "export.pkl", *PNGS]:
+        assert (out / name).is_file(), name
+    for png in PNGS:
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["smoke"] and cfg["size"] == SMOKE["size"] and cfg["hard_mining"] == 0.5  # effective config
+    m = json.loads((out / "metrics.json").read_text())
+    assert [s["name"] for s in m["steps"]] == STEP_NAMES
+    for st in m["steps"]:
+        assert st["seconds"] >= 0 and "epochs" in st
+    for name in ("precompute", "head_sgdr", "full_sgdr"):
+        st = next(s for s in m["steps"] if s["name"] == name)
+        assert st["epochs"] >= 1 and st["valid_loss"] is not None and 0 <= st["accuracy"] <= 1
+    assert 0 <= m["final"]["accuracy"] <= 1 and 0 <= m["final"]["accuracy_tta"] <= 1
+    assert m["final"]["accuracy"] == pytest.approx(res.accuracy)
+    assert m["lr_find"]["head"]["suggestion"] > 0 and m["lr_find"]["full"]["suggestion"] > 0
+
+
+def test_history_has_every_training_epoch(run):
+    res, out, *_ = run
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    steps = [r["step"] for r in rows]
+    assert steps[0] == "precompute" and steps[-1] == "full_sgdr" and "head_sgdr" in steps
+    assert not any(s.startswith("lr_find") for s in steps)  # LR sweeps are not training epochs
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    total = sum(s["epochs"] for s in res.steps)
+    assert len(rows) == total
+    assert all(float(r["valid_loss"]) > 0 for r in rows)
+
+
+def test_report_shows_plots_and_numbers(run):
+    res, out, *_ = run
+    md = (out / "report.md").read_text()
+    for png in PNGS:
+        assert f"]({png})" in md
+    assert f"{100 * res.accuracy:.1f}%" in md
+    for st in res.steps:
+        assert st["title"] in md
+
+
+def test_best_weights_restored_and_exported(run):
+    """Final metrics are those of the best epoch kept by step 8, and the bundle holds those weights."""
+    res, out, root, _, _ = run
+    best = next(s for s in res.steps if s["name"] == "full_sgdr")["best_valid_loss"]
+    assert res.valid_loss == pytest.approx(best, rel=1e-4, abs=1e-5)
+    files = sorted((root / "valid").rglob("*.jpg"))
+    probs = load_model(out, device="cpu").probs(files)
+    dl = res.learn.dls.test_dl(files)
+    ref, _ = res.learn.get_preds(dl=dl)
+    assert torch.allclose(probs, ref, atol=1e-5)
+
+
+def test_hard_mining_wired_in(run):
+    *_, calls = run
+    assert calls and set(calls) == {0.5}  # HardExampleMining(frac=0.5) ran on training batches
+
+
+def test_fit_until_overfit_stops_and_restores(tiny_learner):
+    """An absurd LR makes validation loss worse: one cycle, then the starting weights come back."""
+    learn = tiny_learner()
+    learn.fit(1, 1e-2)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    stop = fit_until_overfit(learn, 50.0, epochs_max=7)
+    assert stop["cycles"] == 1 and "did not improve" in stop["reason"] and stop["best_epoch"] == 0
+    for k, v in learn.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fit_until_overfit_bounded_by_epochs_max(tiny_learner):
+    """While it improves, cycles of 1, 2, 4 epochs run; the 8-epoch cycle would pass epochs_max=7."""
+    learn = tiny_learner(n_train=128)
+    stop = fit_until_overfit(learn, 3e-3, epochs_max=7)
+    if stop["cycles"] == 3:
+        assert stop["epochs"] == 7 and "epochs_max=7" in stop["reason"]
+    else:  # the tiny task may already stop improving; the rule must still hold
+        assert "did not improve" in stop["reason"] and stop["epochs"] == 2 ** stop["cycles"] - 1
+    assert learn.validate()[0] == pytest.approx(stop["best_valid_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("size", 4), ("bs", 0), ("epochs_max", 0), ("opt", "adamw"),
+                                         ("lr_factor", 0.5), ("hard_mining", 1.5), ("lr_find_iters", 5)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"RecipeConfig.{field}="):
+        RecipeConfig(**{field: value}).effective()
+
+
+def test_config_defaults_and_smoke():
+    d = RecipeConfig()
+    assert (d.data, d.arch, d.precompute, d.pretrained, d.hard_mining) == (
+        "sample", "tf_efficientnet_lite0", True, True, None)
+    eff = d.effective()
+    assert re.fullmatch(r"runs/sample-tf_efficientnet_lite0-\d{8}-\d{6}", eff.out)
+    smoke = RecipeConfig(smoke=True, data="/x/my data").effective()
+    assert smoke.size == SMOKE["size"] and smoke.epochs_max == 1 and "my_data-" in smoke.out
