@@ -61,6 +61,26 @@ from .models import (
 
 # --- end recipe: models ---
 # --- recipe: recipe/report/export ---
+from fastlesson.export import (
+    Prediction,
+    Predictor,
+    export_bundle,
+    export_learner,
+    image_files,
+    load_model,
+    load_rgb,
+    predict_files,
+)
+from fastlesson.recipe import RecipeConfig, RecipeResult, fit_until_overfit, run_recipe
+from fastlesson.report import (
+    confusion_matrix,
+    most_confused,
+    plot_confusion,
+    plot_losses,
+    plot_lr_schedule,
+    plot_top_losses,
+    write_report,
+)
 # --- end recipe: recipe/report/export ---
 # --- seed extras: callbacks ---
 from fastlesson.callbacks import (  # noqa: F401

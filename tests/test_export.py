@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from _recipe_helpers import write_image_folder
 from fastai.learner import load_learner
 from fastai.vision.all import ImageDataLoaders, PILImage, Resize
 from PIL import Image
@@ -29,11 +29,19 @@ ARCH = "resnet18"  # torchvision, built without weights: small and fast at 32 px
 SIZE = 32  # px
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """32 px images gain nothing from threads, and on a busy CPU two threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A briefly trained learner on a real image folder, exported both ways into one folder."""
-    root = make_image_folder(tmp_path_factory.mktemp("imgs"), classes=("a", "b", "c"), n_per_class=6,
-                             size=(48, 36))
+    root = write_image_folder(tmp_path_factory.mktemp("imgs"), n_train=6, n_valid=3, size=(48, 36))
     torch.manual_seed(0)
     dls = ImageDataLoaders.from_folder(root, train="train", valid="valid", item_tfms=Resize(SIZE), bs=8,
                                        num_workers=0, device="cpu")

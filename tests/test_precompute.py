@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TinyCNN, make_tiny_learner
 from fastai.callback.core import Callback
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
@@ -15,7 +16,6 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.learner import create_head
 from torch import nn
 
-from conftest import TinyCNN, make_tiny_learner
 from fastlesson.precompute import clear_memory_cache, precompute_head
 
 
@@ -198,3 +198,28 @@ def test_slice_lr_uses_head_value_and_kw_reach_fit_one_cycle(tiny_learner):
     rec = _MaxLR()
     precompute_head(tiny_learner(), 1, lr_max=slice(1e-5, 2e-2), cbs=rec)
     assert rec.max_lr == pytest.approx(2e-2, rel=0.05)
+
+
+class _Wrapped(torch.utils.data.Dataset):
+    """A data set precompute_head cannot fingerprint cheaply (neither fastai Datasets nor TensorDataset)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def test_unidentifiable_dataset_is_never_reused(tmp_path):
+    from fastai.data.core import DataLoaders
+
+    learn = make_tiny_learner()
+    learn.dls = DataLoaders.from_dsets(_Wrapped(learn.dls.train_ds), _Wrapped(learn.dls.valid_ds), bs=16,
+                                       device="cpu")
+    with pytest.raises(ValueError, match="cache_dir"):
+        precompute_head(learn, 1, cache_dir=tmp_path)
+    first = precompute_head(learn, 1)
+    assert not first.cache_hit and not precompute_head(learn, 1).cache_hit

