@@ -13,6 +13,8 @@ import pytest
 from _recipe_helpers import write_image_folder
 from PIL import Image
 
+from fastlesson.recipe import RecipeConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 # one thread: tiny images gain nothing from more, and on a busy CPU two threads crawl
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
@@ -43,12 +45,26 @@ def smoke_run(tmp_path_factory):
     return res, out, data
 
 
-def test_recipe_help_lists_every_option():
-    res = cli("recipe.py", "--help", check=True)
+def test_recipe_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        script_main("recipe.py")(["--help"])  # in-process: the --smoke test runs the file itself
+    out = capsys.readouterr().out
+    assert e.value.code == 0
     for flag in ("--data", "--arch", "--size", "--bs", "--opt", "--epochs-max", "--seed", "--out",
                  "--no-precompute", "--no-pretrained", "--hard-mining", "--smoke"):
-        assert flag in res.stdout
-    assert "lookahead-radam" in res.stdout and "sample" in res.stdout
+        assert flag in out
+    assert "lookahead-radam" in out and "sample" in out
+
+
+def test_recipe_flags_reach_the_config():
+    parse = script_main("recipe.py").__globals__["parse_args"]
+    assert parse([]) == RecipeConfig()  # no arguments: the offline default (sample data, lite0)
+    cfg = parse(["--data", "flowers", "--arch", "resnet34", "--size", "224", "--bs", "16", "--opt", "ranger",
+                 "--epochs-max", "15", "--seed", "1", "--out", "o", "--no-precompute", "--no-pretrained",
+                 "--hard-mining", "0.25", "--smoke"])
+    assert cfg == RecipeConfig(data="flowers", arch="resnet34", size=224, bs=16, opt="ranger", epochs_max=15,
+                               seed=1, out="o", precompute=False, pretrained=False, hard_mining=0.25,
+                               smoke=True)
 
 
 def test_recipe_smoke_makes_every_output(smoke_run):

@@ -15,6 +15,7 @@ from _recipe_helpers import write_image_folder
 from PIL import Image
 
 import fastlesson.callbacks as fl_callbacks
+from fastlesson import report
 from fastlesson.export import load_model
 from fastlesson.recipe import SMOKE, RecipeConfig, fit_until_overfit, run_recipe
 
@@ -170,3 +171,57 @@ def test_config_defaults_and_smoke():
     assert re.fullmatch(r"runs/sample-tf_efficientnet_lite0-\d{8}-\d{6}", eff.out)
     smoke = RecipeConfig(smoke=True, data="/x/my data").effective()
     assert smoke.size == SMOKE["size"] and smoke.epochs_max == 1 and "my_data-" in smoke.out
+
+
+# ---------------------------------------------------------------- report.py on plain arrays
+
+
+def test_confusion_matrix_and_most_confused():
+    cm = report.confusion_matrix([0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 1, 1], 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 1], [0, 2, 1]]
+    assert report.most_confused(cm, ["a", "b", "c"]) == [("c", "b", 2), ("a", "b", 1), ("b", "c", 1)]
+    assert report.most_confused(np.eye(3, dtype=int), ["a", "b", "c"]) == []
+
+
+def test_confusion_plot_switches_to_pairs_for_many_classes(tmp_path):
+    few = report.plot_confusion(np.eye(3, dtype=int), list("abc"), tmp_path / "few.png")
+    assert "confusion matrix" in few.axes[0].get_title()
+    n = report.MANY_CLASSES + 1
+    cm = np.eye(n, dtype=int)
+    cm[0, 1] = 3
+    many = report.plot_confusion(cm, [f"c{i}" for i in range(n)], tmp_path / "many.png")
+    assert "most-confused" in many.axes[0].get_title()
+    assert [t.get_text() for t in many.axes[0].get_yticklabels()] == ["c0 -> c1"]
+    for f in ("few.png", "many.png"):
+        assert Image.open(tmp_path / f).format == "PNG"
+
+
+def test_lr_schedule_plot_concatenates_steps(tmp_path):
+    segs = [("precompute", np.full((4, 3), np.nan)), ("head", np.linspace(1e-3, 1e-5, 6)[:, None] * [1, 1, 1]),
+            ("full", np.linspace(1e-3, 1e-5, 8)[:, None] * [1 / 9, 1 / 3, 1])]
+    segs[0][1][:, -1] = 1e-3  # head learner: only the last group has an LR
+    fig = report.plot_lr_schedule(segs, tmp_path / "lr.png")
+    ax = fig.axes[0]
+    xs = np.concatenate([line.get_xdata() for line in ax.lines if line.get_color() == ax.lines[2].get_color()])
+    assert sorted(xs) == list(range(18))  # 4 + 6 + 8 batches, one after another
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.texts] == ["precompute", "head", "full"]
+    assert (tmp_path / "lr.png").is_file()
+
+
+def test_history_csv_and_report(tmp_path):
+    hist = [{"step": "head_sgdr", "epoch": 1, "step_epoch": 1, "train_loss": 1.5, "valid_loss": 1.25,
+             "accuracy": 0.5, "lr": 1e-3, "seconds": 2.0},
+            {"step": "full_sgdr", "epoch": 2, "step_epoch": 1, "train_loss": 0.9, "valid_loss": 0.75,
+             "accuracy": 0.875, "lr": [1e-4, 1e-3], "seconds": 3.0}]
+    report.write_history_csv(hist, tmp_path / "history.csv")
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["step"] for r in rows] == ["head_sgdr", "full_sgdr"] and rows[1]["accuracy"] == "0.875"
+    report.plot_losses(hist, tmp_path / "losses.png")
+    metrics = {"steps": [{"index": 4, "name": "head_sgdr", "title": "train the head", "lr": 1e-3, "epochs": 1,
+                          "seconds": 2.0, "valid_loss": 1.25, "accuracy": 0.5, "note": "n"}],
+               "final": {"accuracy": 0.875, "accuracy_tta": 0.9, "valid_loss": 0.75, "n_valid": 8,
+                         "n_classes": 2}, "seconds_total": 5.0, "device": "CPU"}
+    md = report.write_report(tmp_path, {"data": "d", "arch": "a"}, metrics, {"losses": "losses.png"}).read_text()
+    assert "87.5%" in md and "90.0%" in md and "| 4 | train the head | 0.001 |" in md
+    assert "![losses](losses.png)" in md

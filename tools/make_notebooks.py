@@ -178,8 +178,10 @@ EPOCHS = sgdr_epochs(N_CYCLES, cycle_len=1, cycle_mult=CYCLE_MULT)
 
 
 def new_learner():
-    set_seed(42)  # the same head initialisation and batch order for every schedule
-    return create_learner(data.dls, "tf_efficientnet_lite0", pretrained=True)
+    \"\"\"A fresh pretrained learner on new DataLoaders: same head and batch order every time.\"\"\"
+    dls = load_data("sample", size=SIZE, bs=BS).dls  # load_data seeds its loaders' shuffling
+    set_seed(42)  # the same head initialisation
+    return create_learner(dls, "tf_efficientnet_lite0", pretrained=True)
 
 
 runs = {
@@ -508,8 +510,10 @@ with the cache already there.
 """),
     code("""
 def fresh_learner():
-    set_seed(42)
-    return create_learner(data.dls, "tf_efficientnet_lite0", pretrained=True)  # frozen
+    \"\"\"A frozen pretrained learner on new DataLoaders: same head and batch order every time.\"\"\"
+    dls = load_data("sample", size=SIZE, bs=BS).dls  # load_data seeds its loaders' shuffling
+    set_seed(42)  # the same head initialisation
+    return create_learner(dls, "tf_efficientnet_lite0", pretrained=True)
 
 
 learn = fresh_learner()
@@ -537,7 +541,8 @@ timing.round(3)
 many times faster; the body's one pass is paid once (*one-off cache*), and not at all when the cache
 is already there. The price: no data augmentation while training on the cache, which is why the
 recipe follows this step with a few epochs of normal, augmented head training.
-
+"""),
+    md("""
 ## Recap
 
 - A pretrained learner has layer groups (early body, late body, head) and starts frozen: only the
@@ -579,7 +584,7 @@ from fastlesson import OPTIMIZERS, Lookahead, create_learner, fit_one_cycle, loa
 
 SIZE = 32 if SMALL else 128  # px, side of the training images
 BS = 32  # images per batch
-EPOCHS = 2 if SMALL else 5  # the same budget for every optimizer
+EPOCHS = 1 if SMALL else 5  # the same budget for every optimizer
 # Peak one-cycle LR per optimizer: SGD needs a larger step than the adaptive ones (per-parameter scaling)
 LRS = {"sgd": 1e-1, "adam": 1e-2, "radam": 1e-2, "lookahead-radam": 1e-2, "ranger": 1e-2}
 """),
@@ -628,8 +633,9 @@ recorder keeps the smoothed training loss of every batch and the validation loss
     code("""
 curves, rows = {}, []
 for name in OPTIMIZERS:
-    set_seed(42)
-    learn = create_learner(data.dls, "tf_efficientnet_lite0", pretrained=True, opt_func=opt_func(name))
+    dls = load_data("sample", size=SIZE, bs=BS).dls  # fresh loaders: the same batch order every run
+    set_seed(42)  # the same head initialisation
+    learn = create_learner(dls, "tf_efficientnet_lite0", pretrained=True, opt_func=opt_func(name))
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
         fit_one_cycle(learn, EPOCHS, LRS[name])
@@ -656,12 +662,15 @@ pd.DataFrame(rows).set_index("optimizer").round(4)
 """),
     md("""
 **Look for:** how fast each training-loss curve falls in the first iterations (the adaptive methods
-usually lead early; RAdam's built-in warm-up starts a little slower than Adam), whether the curves
+usually lead early; RAdam's built-in warm-up starts a little slower than Adam: for its first few
+steps it has no reliable variance estimate and takes plain momentum steps, and Lookahead only syncs
+every `k=6` steps, so `radam`, `lookahead-radam` and `ranger` coincide at first), whether the curves
 are smooth or noisy (Lookahead and ranger are smoother), and in the table whether a faster start
 ends in a better validation loss. In the test suite (`SMALL`) the run is far too short to rank
 anything: run the notebook yourself for the real comparison, and repeat it with other seeds before
 drawing conclusions.
-
+"""),
+    md("""
 ## Recap
 
 - `opt_func(name)` gives fastai optimizers by name: `sgd`, `adam`, `radam`, `lookahead-radam`,
@@ -899,7 +908,8 @@ Now a few epochs through the whole (frozen) network, with augmentation, each epo
 that restarts at the head LR.
 """),
     code("""
-fit_sgdr(learn, n_cycles=HEAD_CYCLES, cycle_len=1, cycle_mult=1, lr_max=lr_head)
+cycle_ends = fit_sgdr(learn, n_cycles=HEAD_CYCLES, cycle_len=1, cycle_mult=1, lr_max=lr_head)
+print("cycles ended after epochs", [e + 1 for e in cycle_ends])
 """),
     md("""
 ## Step 5. Unfreeze all layers
@@ -1168,7 +1178,8 @@ plt.show()
     md("""
 **Look for:** the folder name (the true class) above each prediction. In the test suite's tiny run
 the model has seen each image for one epoch at 32 px, so expect mistakes.
-
+"""),
+    md("""
 ## Recap
 
 - `scrape_dataset(ScrapeConfig(classes=[...]))` searches, downloads, verifies, de-duplicates and
