@@ -166,13 +166,14 @@ class _BestWeights(Callback):
     order = 52
 
     def __init__(self, model, valid_loss: float):
-        self.best, self.state, self.improved = valid_loss, _state_copy(model), False
+        self.best, self.state, self.losses = valid_loss, _state_copy(model), []
         self.offset, self.best_epoch = 0, 0  # epochs before this fit; best epoch (1-based, 0 = start)
 
     def after_epoch(self):
         loss = float(self.recorder.values[-1][1]) if self.recorder.values else math.nan
+        self.losses.append(loss if math.isfinite(loss) else math.nan)
         if math.isfinite(loss) and loss < self.best:
-            self.best, self.state, self.improved = loss, _state_copy(self.model), True
+            self.best, self.state = loss, _state_copy(self.model)
             self.best_epoch = self.offset + self.epoch + 1
 
 
@@ -180,10 +181,11 @@ def fit_until_overfit(learn, lr_max, epochs_max: int, cycle_len: int = 1, cycle_
                       baseline: float | None = None) -> dict:
     """SGDR cycles of cycle_len, cycle_len*cycle_mult, ... epochs while validation loss improves.
 
-    Stops after the first cycle in which no epoch beat the best validation loss so far (it starts to
-    overfit), or before a cycle that would pass `epochs_max`; then loads the best weights seen (kept
-    in memory), which may be the starting weights (`baseline`: their validation loss, measured when
-    None). Returns {cycles, epochs, best_valid_loss, best_epoch, reason}.
+    The first cycle always runs; each later one runs only if the cycle before it lowered the best
+    validation loss of this fit (when it did not, the model has started to overfit), and never past
+    `epochs_max`. Then the best weights seen are loaded from an in-memory copy; the starting weights
+    (validation loss `baseline`, measured when None) are a candidate too, so a fine-tune that never
+    helps leaves the model as it was. Returns {cycles, epochs, best_valid_loss, best_epoch, reason}.
     """
     if isinstance(epochs_max, bool) or not isinstance(epochs_max, int) or epochs_max < 1:
         raise ValueError(f"epochs_max={epochs_max!r} must be an integer >= 1")
@@ -191,20 +193,23 @@ def fit_until_overfit(learn, lr_max, epochs_max: int, cycle_len: int = 1, cycle_
         baseline = float(learn.validate()[0])
     best = _BestWeights(learn.model, baseline)
     epochs = cycles = 0
+    prev = math.inf  # best validation loss of the earlier cycles of this fit
     while True:
         length = sgdr_cycle_lengths(cycles + 1, cycle_len, cycle_mult)[-1]
         if epochs + length > epochs_max:
             reason = f"the next cycle ({length} epochs) would pass epochs_max={epochs_max}"
             break
         print(f"  cycle {cycles + 1}: {length} epoch(s)", flush=True)
-        best.improved = False
-        best.offset = epochs
+        best.offset, n_seen = epochs, len(best.losses)
         fit_sgdr(learn, n_cycles=1, cycle_len=length, cycle_mult=cycle_mult, lr_max=lr_max,
                  cbs=[best, *(cbs or [])])
         epochs, cycles = epochs + length, cycles + 1
-        if not best.improved:
-            reason = f"validation loss did not improve in cycle {cycles} (it starts to overfit)"
+        cur = min(best.losses[n_seen:], default=math.nan)
+        if not cur < prev:  # also stops on a non-finite loss
+            reason = (f"validation loss did not improve in cycle {cycles} "
+                      f"({cur:.4f} vs {prev:.4f}): it starts to overfit")
             break
+        prev = cur
     learn.model.load_state_dict(best.state)
     return {"cycles": cycles, "epochs": epochs, "best_valid_loss": _num(best.best),
             "best_epoch": best.best_epoch, "reason": reason}

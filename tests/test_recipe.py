@@ -134,13 +134,36 @@ def test_hard_mining_wired_in(run):
     assert calls and set(calls) == {0.5}  # HardExampleMining(frac=0.5) ran on training batches
 
 
-def test_fit_until_overfit_stops_and_restores(tiny_learner):
-    """An absurd LR makes validation loss worse: one cycle, then the starting weights come back."""
+def _script_valid_losses(monkeypatch, losses):
+    """Make _BestWeights see these validation losses, one per epoch (the training itself is real)."""
+    import fastlesson.recipe as recipe
+
+    it = iter(losses)
+    real = recipe._BestWeights.after_epoch
+
+    def scripted(self):
+        self.recorder.values[-1][1] = next(it)
+        real(self)
+
+    monkeypatch.setattr(recipe._BestWeights, "after_epoch", scripted)
+
+
+def test_fit_until_overfit_stops_when_a_cycle_does_not_improve(tiny_learner, monkeypatch):
+    """Cycles 1 (1 epoch) and 2 (2 epochs) improve, cycle 3 (4 epochs) does not: stop, keep epoch 3."""
+    _script_valid_losses(monkeypatch, [0.9, 0.8, 0.7, 0.75, 0.72, 0.71, 0.74])
+    stop = fit_until_overfit(tiny_learner(), 1e-3, epochs_max=15, baseline=1.0)
+    assert (stop["cycles"], stop["epochs"], stop["best_epoch"]) == (3, 7, 3)
+    assert stop["best_valid_loss"] == pytest.approx(0.7) and "cycle 3" in stop["reason"]
+
+
+def test_fit_until_overfit_restores_start_when_never_better(tiny_learner, monkeypatch):
+    """No epoch beats the starting weights' validation loss: those weights come back, exactly."""
+    _script_valid_losses(monkeypatch, [0.9, 0.95, 0.97])
     learn = tiny_learner()
-    learn.fit(1, 1e-2)
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    stop = fit_until_overfit(learn, 50.0, epochs_max=7)
-    assert stop["cycles"] == 1 and "did not improve" in stop["reason"] and stop["best_epoch"] == 0
+    stop = fit_until_overfit(learn, 1e-2, epochs_max=15, baseline=0.5)
+    assert (stop["cycles"], stop["epochs"], stop["best_epoch"]) == (2, 3, 0)
+    assert stop["best_valid_loss"] == 0.5
     for k, v in learn.model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
