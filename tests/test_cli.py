@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from _recipe_helpers import write_image_folder
 from PIL import Image
 
 from fastlesson.recipe import RecipeConfig
+
+from _recipe_helpers import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread: tiny images gain nothing from more, and on a busy CPU two threads crawl

@@ -8,7 +8,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from _recipe_helpers import write_image_folder
 from fastai.learner import load_learner
 from fastai.vision.all import ImageDataLoaders, PILImage, Resize
 from PIL import Image
@@ -24,6 +23,8 @@ from fastlesson.export import (
     predict_files,
 )
 from fastlesson.models import create_learner
+
+from _recipe_helpers import write_image_folder
 
 ARCH = "resnet18"  # torchvision, built without weights: small and fast at 32 px
 SIZE = 32  # px

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyCNN, make_tiny_learner
 from fastai.callback.core import Callback
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
@@ -17,6 +16,8 @@ from fastai.vision.learner import create_head
 from torch import nn
 
 from fastlesson.precompute import clear_memory_cache, precompute_head
+
+from _tiny import TinyCNN, make_tiny_learner
 
 
 @pytest.fixture(autouse=True)

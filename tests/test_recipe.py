@@ -11,13 +11,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from _recipe_helpers import write_image_folder
 from PIL import Image
 
 import fastlesson.callbacks as fl_callbacks
 from fastlesson import report
 from fastlesson.export import load_model
 from fastlesson.recipe import SMOKE, RecipeConfig, fit_until_overfit, run_recipe
+
+from _recipe_helpers import write_image_folder
 
 STEP_NAMES = ["data", "lr_find_head", "precompute", "head_sgdr", "unfreeze", "discriminative",
               "lr_find_full", "full_sgdr"]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import imagehash
 import pytest
-from _scrape_server import ScrapeServer, build_routes, encode, exif_rotated_jpeg, pattern, png_bomb
 from PIL import Image, ImageFile
 
 import fastlesson.scrape_fetch as scrape_fetch
@@ -29,6 +28,8 @@ from fastlesson.scrape import (
 )
 from fastlesson.scrape_image import normalise_image, phash_distance
 from fastlesson.scrape_search import DDGSBackend, SearchHit, StaticBackend, search_with_retry
+
+from _scrape_server import ScrapeServer, build_routes, encode, exif_rotated_jpeg, pattern, png_bomb
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 200_000  # bytes, small so the oversized routes trip it quickly

@@ -8,7 +8,8 @@ from fastai.losses import CrossEntropyLossFlat
 from torch import nn
 
 from fastlesson import small_cnn, small_cnn_splitter
-from tests.conftest import synthetic_dsets
+
+from _tiny import synthetic_dsets
 
 
 @pytest.mark.parametrize("channels,fc,n_groups", [((64, 128), (1024,), 3), ((8,), (), 2), ((8, 16, 32), (32, 16), 4)])
