@@ -13,7 +13,6 @@ import copy
 import math
 import numbers
 import os
-import random
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ import torch
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.schedule import minimum, slide, steep, valley
 from matplotlib.figure import Figure
+
+from fastlesson._rng import RNGState
 
 __all__ = ["LRFinderResult", "find_lr", "suggest_lrs", "MIN_POINTS"]
 
@@ -226,10 +227,7 @@ class _LearnerSnapshot:
             # before_fit rebinds the lists, but its smoothing metrics are updated in place
             metrics = {k: dict(vars(v)) for k, v in vars(rec).items() if k in ("loss", "smooth_loss")}
             self.recorder = (rec, {k: v for k, v in vars(rec).items() if k != "learn"}, metrics)
-        self.dl_rngs = [(dl, dl.rng.getstate()) for dl in getattr(learn.dls, "loaders", [])
-                        if isinstance(getattr(dl, "rng", None), random.Random)]
-        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        self.rng = RNGState(learn.dls)
 
     def restore(self):
         learn = self.learn
@@ -256,14 +254,7 @@ class _LearnerSnapshot:
             for k, state in metrics.items():
                 vars(attrs[k]).clear()
                 vars(attrs[k]).update(state)
-        for dl, state in self.dl_rngs:
-            dl.rng.setstate(state)
-        py, np_state, cpu, cuda = self.rng
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        self.rng.restore()
 
 
 def _check_args(learn, start_lr, end_lr, num_it) -> int:

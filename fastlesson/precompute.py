@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fastlesson._rng import preserved_rng
+
 __all__ = ["PrecomputeResult", "CachedFeatures", "precompute_head", "cache_key", "clear_memory_cache"]
 
 _FORMAT = "fastlesson-precompute-1"  # bump when the cache layout or key recipe changes
@@ -227,7 +229,9 @@ def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, b
     learn.model.to(device)
 
     t0 = time.perf_counter()
-    feats, key, hit, path = _features(learn, bs, cache_dir, device)
+    # the body pass must not shift any RNG: a cache hit and a miss then train the head identically
+    with preserved_rng(learn.dls):
+        feats, key, hit, path = _features(learn, bs, cache_dir, device)
     seconds_cache = time.perf_counter() - t0
 
     train_ds = TensorDataset(feats.train_x, feats.train_y)

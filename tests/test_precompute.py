@@ -224,3 +224,18 @@ def test_unidentifiable_dataset_is_never_reused(tmp_path):
         precompute_head(learn, 1, cache_dir=tmp_path)
     first = precompute_head(learn, 1)
     assert not first.cache_hit and not precompute_head(learn, 1).cache_hit
+
+
+def test_cache_hit_and_miss_train_the_head_identically(image_folder, tmp_path):
+    """The body pass leaves every RNG as it found it: same seed -> same head, cached or not."""
+    from fastai.torch_core import set_seed
+
+    path = image_folder(n_per_class=6)
+    heads = []
+    for cached in (False, True):
+        learn = image_learner(path, seed=0)
+        set_seed(1)
+        res = precompute_head(learn, 2, lr_max=1e-2, cache_dir=tmp_path)
+        assert res.cache_hit is cached
+        heads.append({k: v.clone() for k, v in learn.model[1].state_dict().items()})
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
