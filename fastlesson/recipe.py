@@ -322,8 +322,6 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     """Run the eight steps of the lesson-2 recipe and write every output into `cfg.out`."""
     cfg = (cfg or RecipeConfig()).effective()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
     set_seed(cfg.seed)
     t_run = time.perf_counter()
     log = _RunLog()
@@ -349,6 +347,9 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
                f"{f', {len(skipped)} unreadable skipped' if skipped else ''}; {cfg.arch} "
                f"({'ImageNet weights' if cfg.pretrained else 'from scratch'}), {n_groups(learn)} layer groups",
                n_classes=len(dls.vocab), n_train=n_train, n_valid=n_valid, n_skipped=len(skipped))
+    # the output folder is made only once the data and model are known good: bad input leaves nothing
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", dataclasses.asdict(cfg))
 
     # 2. LR range test on the frozen model (head only trains)
     steps.start(2, "LR range test with the body frozen", "lr_find_head", record=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastlesson.models import WeightsUnavailableError
 from fastlesson.optim import OPTIMIZERS
 from fastlesson.recipe import RecipeConfig, run_recipe
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         run_recipe(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback wall
+    except (ValueError, FileNotFoundError, WeightsUnavailableError) as e:  # bad input: one clear line, not a traceback wall
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -131,3 +131,23 @@ def test_predict_pickle_needs_trust_and_then_agrees(smoke_run, tmp_path, capsys)
     assert [r["label"] for r in safe] == [r["label"] for r in pkl]
     for a, b in zip(safe, pkl):
         assert a["prob"] == pytest.approx(b["prob"], abs=1e-5)
+
+
+@pytest.mark.parametrize("exc", ["missing_folder", "no_weights"])
+def test_recipe_bad_input_is_one_error_line(exc, tmp_path, monkeypatch, capsys):
+    """A missing data folder or unavailable pretrained weights: one `error:` paragraph, exit 2, no traceback."""
+    from fastlesson.models import WeightsUnavailableError
+
+    main = script_main("recipe.py")
+    if exc == "no_weights":
+        def no_weights(cfg):
+            raise WeightsUnavailableError("No ImageNet weights for resnet50 here: use --arch tf_efficientnet_lite0")
+        monkeypatch.setitem(main.__globals__, "run_recipe", no_weights)
+        args = ["--arch", "resnet50"]
+    else:
+        args = ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert ("nope" in err) if exc == "missing_folder" else ("tf_efficientnet_lite0" in err)
+    assert not (tmp_path / "out").exists()  # nothing left behind
