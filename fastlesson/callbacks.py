@@ -22,6 +22,8 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import ParamScheduler
 from fastai.callback.tracker import TrackerCallback
 
+from fastlesson._io import atomic_write
+
 __all__ = ["HardExampleMining", "PlateauLR", "EarlyStopping", "BestCheckpoint", "NonFiniteGuard"]
 
 
@@ -228,18 +230,7 @@ class EarlyStopping(TrackerCallback):
 
 def atomic_torch_save(obj, path: Path):
     """torch.save to a temporary file in the same folder, fsync, then os.replace onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return atomic_write(path, lambda p: torch.save(obj, p), fsync=True)
 
 
 class BestCheckpoint(TrackerCallback):

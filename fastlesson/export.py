@@ -9,9 +9,7 @@ when the caller says it is trusted (fastai's ``load_learner`` always unpickles, 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +20,8 @@ import torch
 from fastai.data.transforms import Normalize, image_extensions
 from fastai.vision.augment import RandomResizedCrop, Resize
 from PIL import Image, ImageOps
+
+from fastlesson._io import atomic_write, atomic_write_text
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_META = "model.json"
@@ -132,27 +132,10 @@ def _versions() -> dict:
 # ---------------------------------------------------------------- saving
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call `write(tmp_path)` then move the temp file over `path`, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def write_json(path, obj) -> Path:
     """Write `obj` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, default=str) + "\n"
-    return _atomic_write(Path(path), lambda p: p.write_text(text))
+    return atomic_write_text(path, text)
 
 
 def export_bundle(learn, out_dir, arch: str | None = None, extra: dict | None = None) -> Path:
@@ -167,7 +150,7 @@ def export_bundle(learn, out_dir, arch: str | None = None, extra: dict | None = 
     out_dir = Path(out_dir)
     # clone: safetensors refuses tensors that share storage, and the bundle must be CPU float
     state = {k: v.detach().cpu().clone().contiguous() for k, v in learn.model.state_dict().items()}
-    _atomic_write(out_dir / BUNDLE_WEIGHTS, lambda p: save_file(state, str(p)))
+    atomic_write(out_dir / BUNDLE_WEIGHTS, lambda p: save_file(state, str(p)))
     spec = preprocessing_spec(learn)
     meta = {"format": BUNDLE_FORMAT, "arch": arch, "n_out": len(classes), "classes": classes,
             "size": spec["resize"]["size"], **spec, "weights": BUNDLE_WEIGHTS,
@@ -179,7 +162,7 @@ def export_bundle(learn, out_dir, arch: str | None = None, extra: dict | None = 
 def export_learner(learn, path) -> Path:
     """fastai's `learn.export`, written atomically to `path` (for `load_learner` users)."""
     path = Path(path).absolute()  # fastai writes to learn.path / fname; an absolute fname wins
-    return _atomic_write(path, lambda p: learn.export(p))
+    return atomic_write(path, lambda p: learn.export(p))
 
 
 # ---------------------------------------------------------------- loading and predicting

@@ -13,10 +13,8 @@ import copy
 import math
 import numbers
 import os
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +22,7 @@ from fastai.callback.core import Callback, CancelFitException, CancelValidExcept
 from fastai.callback.schedule import minimum, slide, steep, valley
 from matplotlib.figure import Figure
 
+from fastlesson._io import save_png
 from fastlesson._rng import RNGState
 
 __all__ = ["LRFinderResult", "find_lr", "suggest_lrs", "MIN_POINTS"]
@@ -78,16 +77,7 @@ class LRFinderResult:
         ax.set_title(f"LR range test ({self.stop_reason}, {len(self.lrs)} batches)")
         ax.legend(loc="best", fontsize="small")
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format="png", dpi=100)
-                os.replace(tmp, path)  # never leave a half-written PNG at `path`
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            save_png(fig, path)  # never leaves a half-written PNG at `path`
         return fig
 
 

@@ -9,7 +9,6 @@ cached (in memory, and on disk under ``cache_dir``) and a fastai ``Learner`` tra
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fastlesson._io import atomic_write
 from fastlesson._rng import preserved_rng
 
 __all__ = ["PrecomputeResult", "CachedFeatures", "precompute_head", "cache_key", "clear_memory_cache"]
@@ -153,14 +153,8 @@ def _run_body(body: nn.Module, dl, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _save(path: Path, feats: CachedFeatures, key: str) -> None:
     """Write to a temporary file, then os.replace: a crash never leaves a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in feats.tensors().items()}, str(tmp),
-                  metadata={"format": _FORMAT, "key": key})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.contiguous() for k, v in feats.tensors().items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": _FORMAT, "key": key}))
 
 
 def _load(path: Path, key: str) -> CachedFeatures:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from fastlesson.export import _atomic_write
+from fastlesson._io import atomic_write_text, save_png
 
 MANY_CLASSES = 20  # above this a confusion matrix is unreadable: list the most-confused pairs instead
 HISTORY_FIELDS = ("step", "epoch", "step_epoch", "train_loss", "valid_loss", "accuracy", "lr", "seconds")
@@ -23,7 +23,7 @@ HISTORY_FIELDS = ("step", "epoch", "step_epoch", "train_loss", "valid_loss", "ac
 
 def save_figure(fig: Figure, path) -> Path:
     """Save `fig` as PNG atomically (temp file + os.replace)."""
-    return _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight"))
+    return save_png(fig, path, bbox_inches="tight")
 
 
 def _step_spans(steps: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -181,7 +181,7 @@ def write_history_csv(history: Sequence[dict], path) -> Path:
     for r in history:
         w.writerow({k: _fmt_csv(r.get(k)) for k in HISTORY_FIELDS})
     text = buf.getvalue()
-    return _atomic_write(Path(path), lambda p: p.write_text(text))
+    return atomic_write_text(path, text)
 
 
 def _fmt_csv(v):
@@ -243,7 +243,7 @@ def write_report(out_dir, config: dict, metrics: dict, plots: dict[str, str]) ->
     cfg = "\n".join(f"    {k} = {v!r}" for k, v in config.items())
     lines += ["## Configuration", "", cfg, ""]
     text = "\n".join(lines)
-    return _atomic_write(out_dir / "report.md", lambda p: p.write_text(text))
+    return atomic_write_text(out_dir / "report.md", text)
 
 
 def relpath(path, start) -> str:

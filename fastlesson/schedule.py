@@ -7,8 +7,6 @@ a learner's layer groups are its optimizer's param groups (fastai's ``splitter``
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ from fastai.callback.schedule import ParamScheduler, combined_cos
 from fastai.optimizer import OptimWrapper
 from fastcore.basics import even_mults
 from fastcore.foundation import L
+
+from fastlesson._io import atomic_write, save_png
 
 __all__ = [
     "SCHEDULE_KINDS", "SGDRScheduler", "fit_one_cycle", "fit_sgdr", "freeze", "lr_groups", "n_groups",
@@ -221,14 +221,7 @@ def sgdr_lrs(n_cycles: int, cycle_len: float, n_batches: int, lr_max: float = 1.
 def _save_state_dict(model: torch.nn.Module, path: Path) -> None:
     """torch.save the model's state_dict (CPU tensors) atomically: temp file in the same folder + os.replace."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 class SGDRScheduler(Callback):
@@ -373,14 +366,5 @@ def plot_schedules(schedules: dict, path=None, log_y: bool = False):
     ax.legend()
     fig.tight_layout()
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        save_png(fig, path)
     return fig

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fastlesson._io import atomic_write_bytes
+
 from .scrape_fetch import RETRY_HTTP, fetch_url
 from .scrape_image import JPEG_QUALITY, normalise_image, phash_distance
 from .scrape_search import DDGSBackend, SearchBackend, SearchHit, search_with_retry
@@ -233,15 +235,6 @@ def load_manifest(dest: Path) -> dict:
         raise ValueError(f"{p} is not valid JSON ({e}); delete it to start afresh") from e
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- pipeline steps
 
 def _gather(cfg: ScrapeConfig, backend: SearchBackend | None, sleep) -> tuple[dict, list[dict]]:
@@ -314,7 +307,7 @@ def _fetch_one(url: str, staging: Path, cfg: ScrapeConfig, sleep) -> dict:
     if im.status != "ok":
         return {"status": im.status, "reason": im.reason, "http_status": 200}
     staged = staging / f"{im.sha256[:16]}.jpg"
-    _atomic_write(staged, im.data)
+    atomic_write_bytes(staged, im.data)
     return {"status": _DOWNLOADED, "reason": "", "http_status": 200, "sha256": im.sha256,
             "phash": im.phash, "width": im.width, "height": im.height, "notes": im.notes, "src": staged}
 
@@ -480,8 +473,8 @@ def _write_outputs(cfg: ScrapeConfig, result: ScrapeResult) -> None:
         "summary": {c: dict(n) for c, n in result.counts().items()},
         "entries": [e.to_dict() for e in result.entries],
     }
-    _atomic_write(result.dest / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _atomic_write(result.dest / "scrape_config.json", json.dumps(config, indent=1).encode())
+    atomic_write_bytes(result.dest / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(result.dest / "scrape_config.json", json.dumps(config, indent=1).encode())
 
 
 def run_scrape(cfg: ScrapeConfig, backend: SearchBackend | None = None) -> int:

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
+from fastlesson._io import atomic_write_text
 from fastlesson.data import load_data
 from fastlesson.optim import OPTIMIZERS, opt_func
 from fastlesson.schedule import fit_one_cycle
@@ -146,18 +146,6 @@ def hardware() -> str:
     except OSError:
         pass  # not Linux: platform's answer is all we have
     return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write text via a temporary file + os.replace so an interrupted run never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_smoke_data(root: Path | str, n_classes: int = 3, n_train: int = 12, n_test: int = 6,
@@ -305,7 +293,7 @@ def run_sweep(grid: Mapping | None, data, out_dir: Path | str, seed: int = 42, s
     effective = {"grid": {k: [list(v) if isinstance(v, tuple) else v for v in vals]
                           for k, vals in normalize_grid(grid).items()},
                  "data": source, "seed": seed, "size": size, "limit": limit, "aug": aug, "n_configs": len(configs)}
-    _atomic_write(out_dir / "grid.yaml", yaml.safe_dump(effective, sort_keys=False))
+    atomic_write_text(out_dir / "grid.yaml", yaml.safe_dump(effective, sort_keys=False))
 
     results_path = out_dir / "results.json"
     done = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -331,7 +319,7 @@ def run_sweep(grid: Mapping | None, data, out_dir: Path | str, seed: int = 42, s
         record = json.loads(json.dumps(record))  # tuples -> lists, as they come back from results.json
         plot_losses(record, out_dir / "plots" / f"{key}.png")
         done[key] = record
-        _atomic_write(results_path, json.dumps(done, indent=1))  # after each one, so a crash loses one
+        atomic_write_text(results_path, json.dumps(done, indent=1))  # after each one, so a crash loses one
         records.append(record)
         trained += 1
         log(f"    accuracy {record['accuracy']:.4f}, {record['seconds']:.1f} s")
@@ -343,7 +331,7 @@ def run_sweep(grid: Mapping | None, data, out_dir: Path | str, seed: int = 42, s
     header = (f"Sweep of small_cnn on {source}" + (f" (first {limit} images per class)" if limit else "")
               + f", seed {seed}, {size} px, aug {aug}; accuracy on the {'/'.join(splits)} split; "
               + f"{hardware()}.\n\n")
-    _atomic_write(files["table"], header + table)
-    _atomic_write(files["csv"], _csv_text(records))
+    atomic_write_text(files["table"], header + table)
+    atomic_write_text(files["csv"], _csv_text(records))
     files["plots"] = out_dir / "plots"
     return SweepResult(records, out_dir, table, trained, resumed, files)
