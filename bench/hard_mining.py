@@ -30,13 +30,13 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
-from _common import env_summary  # noqa: E402
+from _common import env_summary, resolve_data  # noqa: E402
 
 from fastlesson.callbacks import HardExampleMining  # noqa: E402
 from fastlesson.schedule import fit_one_cycle  # noqa: E402
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter  # noqa: E402
 
-DATA = "/work/shared/data/cifar10-small"  # train/ and test/ class folders of 32 px JPEGs
+DATA = "../shared/data/cifar10-small"  # train/ and test/ class folders of 32 px JPEGs (repo-relative)
 TRAIN_PER_CLASS = 300  # images per class used for training (0 = all); CPU budget
 TEST_PER_CLASS = 0  # images per class for the test accuracy (0 = all: 200/class here)
 EPOCHS = 8  # one-cycle epochs, the same for both arms
@@ -148,7 +148,7 @@ def main(argv=None):
     print(f"model: small_cnn(channels={tuple(args.channels)}, fc={tuple(args.fc)}), {args.epochs} epochs "
           f"one-cycle lr {args.lr}, bs {args.bs}; mining frac {args.frac} weight {args.weight} "
           f"warmup {args.warmup}")
-    data = load_cifar(Path(args.data), args.train_per_class, args.test_per_class)
+    data = load_cifar(resolve_data(args.data), args.train_per_class, args.test_per_class)
     print(f"images: {len(data[1][1])} train, {len(data[2][1])} test, {len(data[0])} classes")
     plain, mined = [], []
     for i in range(args.seeds):

@@ -1,6 +1,8 @@
 """The eight-step recipe vs plain fastai fine_tune, given the same wall-clock time, side by side.
 
-    python bench/recipe_vs_finetune.py                      # flowers102-small, lite0, 160 px, CPU (~30-40 min)
+    python bench/recipe_vs_finetune.py                      # flowers102-small, lite0, 160 px, recipe defaults
+    python bench/recipe_vs_finetune.py --epochs-max 3 --head-cycles 1 --lr-find-iters 50
+                                                            # the 20-minute budget on 2 CPU cores (~45 min)
     python bench/recipe_vs_finetune.py --limit 3 --smoke    # 3 images per class and split: a quick check
 
 1. The recipe (fastlesson.run_recipe) runs and its total wall time T is measured (LR range tests,
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--bs", type=int, default=32, help="batch size [32]")
     p.add_argument("--opt", default="adam", help="recipe optimizer [adam]")
     p.add_argument("--epochs-max", type=int, default=7, help="recipe step 8 epoch bound [7]")
+    p.add_argument("--head-cycles", type=int, default=2, help="recipe step 4: one-epoch SGDR cycles [2]")
+    p.add_argument("--lr-find-iters", type=int, default=100, help="batches per recipe LR range test [100]")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit", type=int, help="use only the first N images per class and split (quick check)")
     p.add_argument("--smoke", action="store_true", help="recipe in smoke mode (32 px, 1 epoch per step)")
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
         data = subsample(data, a.limit, tmp / "data")
     out = a.out or tmp / "run"
     cfg = RecipeConfig(data=str(data), arch=ARCH, size=a.size, bs=a.bs, opt=a.opt, epochs_max=a.epochs_max,
-                       seed=a.seed, out=str(out / "recipe"), tta=False, smoke=a.smoke).effective()
+                       head_cycles=a.head_cycles, lr_find_iters=a.lr_find_iters, seed=a.seed,
+                       out=str(out / "recipe"), tta=False, smoke=a.smoke).effective()
 
     t0 = time.perf_counter()
     res = run_recipe(cfg)

@@ -5,11 +5,9 @@ The public API is re-exported here explicitly: plain functions that take a fasta
 
 __version__ = "0.1.0"
 
-# --- core: finder ---
-from fastlesson.finder import LRFinderResult, find_lr  # noqa: F401
-# --- end core: finder ---
-# --- core: schedule ---
-from fastlesson.schedule import (  # noqa: F401
+# training core
+from fastlesson.finder import LRFinderResult, find_lr
+from fastlesson.schedule import (
     SCHEDULE_KINDS,
     SGDRScheduler,
     fit_one_cycle,
@@ -25,32 +23,19 @@ from fastlesson.schedule import (  # noqa: F401
     sgdr_lrs,
     unfreeze,
 )
-# --- end core: schedule ---
-# --- core: optim ---
-from fastlesson.optim import OPTIMIZERS, Lookahead, lookahead, opt_func  # noqa: F401
-# --- end core: optim ---
-# --- core: precompute ---
-from fastlesson.precompute import (  # noqa: F401
+from fastlesson.optim import OPTIMIZERS, Lookahead, lookahead, opt_func
+from fastlesson.precompute import (
     CachedFeatures,
     PrecomputeResult,
     cache_key,
     clear_memory_cache,
     precompute_head,
-)
-# --- end core: precompute ---
-# --- recipe: data ---
-from .data import (
-    SOURCES,
-    DataResult,
-    flower_names,
-    image_problem,
-    load_data,
-    sample_path,
+    precompute_learner,
 )
 
-# --- end recipe: data ---
-# --- recipe: models ---
-from .models import (
+# data, backbones, the recipe, its report, export and predict
+from fastlesson.data import SOURCES, DataResult, flower_names, image_problem, load_data, sample_path
+from fastlesson.models import (
     OFFLINE_ARCHS,
     WeightsUnavailableError,
     build_model,
@@ -58,9 +43,6 @@ from .models import (
     model_stats,
     splitter,
 )
-
-# --- end recipe: models ---
-# --- recipe: recipe/report/export ---
 from fastlesson.export import (
     Prediction,
     Predictor,
@@ -81,19 +63,17 @@ from fastlesson.report import (
     plot_top_losses,
     write_report,
 )
-# --- end recipe: recipe/report/export ---
-# --- seed extras: callbacks ---
-from fastlesson.callbacks import (  # noqa: F401
+
+# what the other seed projects did: callbacks, small CNN, sweeps
+from fastlesson.callbacks import (
     BestCheckpoint,
     EarlyStopping,
     HardExampleMining,
     NonFiniteGuard,
     PlateauLR,
 )
-# --- end seed extras: callbacks ---
-# --- seed extras: smallcnn/sweep ---
-from fastlesson.smallcnn import small_cnn, small_cnn_splitter  # noqa: F401
-from fastlesson.sweep import (  # noqa: F401
+from fastlesson.smallcnn import small_cnn, small_cnn_splitter
+from fastlesson.sweep import (
     GRID_KEYS,
     SweepResult,
     expand_grid,
@@ -101,9 +81,9 @@ from fastlesson.sweep import (  # noqa: F401
     run_sweep,
     sweep_table,
 )
-# --- end seed extras: smallcnn/sweep ---
-# --- scrape ---
-from fastlesson.scrape import (  # noqa: F401
+
+# data sets from a web image search
+from fastlesson.scrape import (
     STATUSES,
     ScrapeConfig,
     ScrapeResult,
@@ -112,8 +92,8 @@ from fastlesson.scrape import (  # noqa: F401
     run_scrape,
     scrape_dataset,
 )
-from fastlesson.scrape_image import normalise_image  # noqa: F401
-from fastlesson.scrape_search import (  # noqa: F401
+from fastlesson.scrape_image import normalise_image
+from fastlesson.scrape_search import (
     DDGSBackend,
     QueryOutcome,
     SearchBackend,
@@ -121,4 +101,30 @@ from fastlesson.scrape_search import (  # noqa: F401
     StaticBackend,
     search_with_retry,
 )
-# --- end scrape ---
+
+__all__ = [
+    # training core
+    "LRFinderResult", "find_lr",
+    "SCHEDULE_KINDS", "SGDRScheduler", "fit_one_cycle", "fit_sgdr", "freeze", "lr_groups", "n_groups",
+    "plot_schedules", "resolve_lrs", "schedule_preview", "sgdr_cycle_lengths", "sgdr_epochs", "sgdr_lrs",
+    "unfreeze",
+    "OPTIMIZERS", "Lookahead", "lookahead", "opt_func",
+    "CachedFeatures", "PrecomputeResult", "cache_key", "clear_memory_cache", "precompute_head",
+    "precompute_learner",
+    # data, backbones, recipe, report, export
+    "SOURCES", "DataResult", "flower_names", "image_problem", "load_data", "sample_path",
+    "OFFLINE_ARCHS", "WeightsUnavailableError", "build_model", "create_learner", "model_stats", "splitter",
+    "Prediction", "Predictor", "export_bundle", "export_learner", "image_files", "load_model", "load_rgb",
+    "predict_files",
+    "RecipeConfig", "RecipeResult", "fit_until_overfit", "run_recipe",
+    "confusion_matrix", "most_confused", "plot_confusion", "plot_losses", "plot_lr_schedule",
+    "plot_top_losses", "write_report",
+    # callbacks, small CNN, sweeps
+    "BestCheckpoint", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR",
+    "small_cnn", "small_cnn_splitter",
+    "GRID_KEYS", "SweepResult", "expand_grid", "normalize_grid", "run_sweep", "sweep_table",
+    # scraping
+    "STATUSES", "ScrapeConfig", "ScrapeResult", "UrlEntry", "read_url_list", "run_scrape", "scrape_dataset",
+    "normalise_image",
+    "DDGSBackend", "QueryOutcome", "SearchBackend", "SearchHit", "StaticBackend", "search_with_retry",
+]

@@ -28,7 +28,8 @@ from torch.utils.data import TensorDataset
 from fastlesson._io import atomic_write
 from fastlesson._rng import preserved_rng
 
-__all__ = ["PrecomputeResult", "CachedFeatures", "precompute_head", "cache_key", "clear_memory_cache"]
+__all__ = ["PrecomputeResult", "CachedFeatures", "precompute_head", "precompute_learner", "cache_key",
+           "clear_memory_cache"]
 
 _FORMAT = "fastlesson-precompute-1"  # bump when the cache layout or key recipe changes
 
@@ -209,16 +210,31 @@ def _features(learn, bs, cache_dir, device) -> tuple[CachedFeatures, str, bool, 
     return feats, key or "", hit, path
 
 
-def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, bs: int | None = None,
-                    **kw) -> PrecomputeResult:
-    """Train only ``learn.model[1]`` for ``n_epoch`` one-cycle epochs on cached body activations."""
-    if isinstance(n_epoch, bool) or not isinstance(n_epoch, int) or n_epoch < 1:
-        raise ValueError(f"n_epoch={n_epoch!r}: pass a whole number of epochs >= 1 (the recipe uses 1-2).")
-    _, head = _split_model(learn)
-    lr = _head_lr(learn, lr_max)
+@dataclass
+class _CacheInfo:
+    key: str
+    hit: bool
+    path: Path | None
+    seconds: float  # building (or loading) the activations, key included
+
+
+def _check_bs(learn: Learner, bs: int | None) -> int:
     bs = bs or learn.dls.train.bs
     if bs < 1:
         raise ValueError(f"bs={bs!r}: the batch size must be >= 1.")
+    return bs
+
+
+def precompute_learner(learn: Learner, cache_dir=None, bs: int | None = None) -> Learner:
+    """A fastai ``Learner`` for ``learn.model[1]`` (the same head module) on cached body activations.
+
+    The body runs once (or the cache is reused, see ``cache_key``); the returned learner trains, finds
+    LRs for (``find_lr`` on it is fastai v0.7's ``lr_find`` with ``precompute=True``) and validates
+    the head in a fraction of the time of full forward passes. Its ``precompute`` attribute holds the
+    cache key, whether it was a hit, the cache file and the seconds spent building or loading it.
+    """
+    _, head = _split_model(learn)
+    bs = _check_bs(learn, bs)
     device = learn.dls.device or torch.device("cpu")
     learn.model.to(device)
 
@@ -226,7 +242,7 @@ def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, b
     # the body pass must not shift any RNG: a cache hit and a miss then train the head identically
     with preserved_rng(learn.dls):
         feats, key, hit, path = _features(learn, bs, cache_dir, device)
-    seconds_cache = time.perf_counter() - t0
+    info = _CacheInfo(key, hit, path, time.perf_counter() - t0)
 
     train_ds = TensorDataset(feats.train_x, feats.train_y)
     valid_ds = TensorDataset(feats.valid_x, feats.valid_y)
@@ -236,6 +252,27 @@ def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, b
     head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, metrics=learn.metrics,
                          lr=learn.lr, wd=learn.wd, wd_bn_bias=learn.wd_bn_bias, train_bn=learn.train_bn,
                          moms=learn.moms, path=learn.path, model_dir=learn.model_dir)
+    head_learn.precompute, head_learn.features = info, feats
+    return head_learn
+
+
+def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, bs: int | None = None,
+                    head_learn: Learner | None = None, **kw) -> PrecomputeResult:
+    """Train only ``learn.model[1]`` for ``n_epoch`` one-cycle epochs on cached body activations.
+
+    ``head_learn``: a learner from ``precompute_learner(learn, ...)`` to reuse (e.g. after ``find_lr``
+    on it); by default one is made here.
+    """
+    if isinstance(n_epoch, bool) or not isinstance(n_epoch, int) or n_epoch < 1:
+        raise ValueError(f"n_epoch={n_epoch!r}: pass a whole number of epochs >= 1 (the recipe uses 1-2).")
+    _split_model(learn)
+    lr = _head_lr(learn, lr_max)
+    if head_learn is None:
+        head_learn = precompute_learner(learn, cache_dir=cache_dir, bs=bs)
+    elif head_learn.model is not learn.model[1]:
+        raise ValueError("head_learn does not train learn.model[1]; make it with precompute_learner(learn)")
+    info, feats = head_learn.precompute, head_learn.features
+
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You are shadowing an attribute")
@@ -249,6 +286,7 @@ def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, b
     if preds.ndim == 2 and targs.ndim == 1 and not targs.is_floating_point():
         acc = float((preds.argmax(1) == targs).float().mean())
     return PrecomputeResult(
-        epochs=n_epoch, seconds_cache=seconds_cache, seconds_train=seconds_train, train_loss=train_loss,
-        valid_loss=valid_loss, accuracy=acc, cache_key=key, cache_hit=hit, cache_path=path,
-        feature_shape=tuple(feats.train_x.shape[1:]), n_train=len(train_ds), n_valid=len(valid_ds), features=feats)
+        epochs=n_epoch, seconds_cache=info.seconds, seconds_train=seconds_train, train_loss=train_loss,
+        valid_loss=valid_loss, accuracy=acc, cache_key=info.key, cache_hit=info.hit, cache_path=info.path,
+        feature_shape=tuple(feats.train_x.shape[1:]), n_train=len(feats.train_y), n_valid=len(feats.valid_y),
+        features=feats)

@@ -39,6 +39,9 @@ def parse_args(argv=None) -> RecipeConfig:
     p.add_argument("--opt", default=d.opt, choices=OPTIMIZERS, help=f"optimizer [{d.opt}]")
     p.add_argument("--epochs-max", type=int, default=d.epochs_max,
                    help=f"most epochs for step 8 (SGDR cycles of 1, 2, 4, ... epochs) [{d.epochs_max}]")
+    p.add_argument("--lr-factor", type=float, default=d.lr_factor,
+                   help=f"step 6: each earlier layer group trains this many times slower (the lesson: 3-10) "
+                        f"[{d.lr_factor:g}]")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed [{d.seed}]")
     p.add_argument("--out", default=None, help="output folder [runs/<data>-<arch>-<YYYYmmdd-HHMMSS>]")
     p.add_argument("--no-precompute", action="store_true",
@@ -51,7 +54,7 @@ def parse_args(argv=None) -> RecipeConfig:
                    help="tiny run (32 px, 1 epoch per step) that still makes every output; for tests")
     a = p.parse_args(argv)
     return RecipeConfig(data=a.data, arch=a.arch, size=a.size, bs=a.bs, opt=a.opt, epochs_max=a.epochs_max,
-                        seed=a.seed, out=a.out, precompute=not a.no_precompute,
+                        lr_factor=a.lr_factor, seed=a.seed, out=a.out, precompute=not a.no_precompute,
                         pretrained=not a.no_pretrained, hard_mining=a.hard_mining, tta=not a.no_tta,
                         smoke=a.smoke)
 

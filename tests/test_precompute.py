@@ -15,7 +15,7 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.learner import create_head
 from torch import nn
 
-from fastlesson.precompute import clear_memory_cache, precompute_head
+from fastlesson.precompute import clear_memory_cache, precompute_head, precompute_learner
 
 from _tiny import TinyCNN, make_tiny_learner
 
@@ -239,3 +239,31 @@ def test_cache_hit_and_miss_train_the_head_identically(image_folder, tmp_path):
         assert res.cache_hit is cached
         heads.append({k: v.clone() for k, v in learn.model[1].state_dict().items()})
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_lr_range_test_on_the_cache_leaves_the_head_as_it_was(tiny_learner):
+    """precompute_learner + find_lr (step 2 of the recipe): the sweep runs on cached activations, the
+    head comes back bit for bit, and training the head afterwards equals training it without the sweep."""
+    from fastai.torch_core import set_seed
+
+    from fastlesson.finder import find_lr
+
+    set_seed(0)  # the head's DataLoader draws its shuffle seed from Python's global RNG
+    learn = tiny_learner()
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    hl = precompute_learner(learn)
+    assert hl.model is learn.model[1] and not hl.precompute.hit
+    res = find_lr(hl, num_it=30)
+    assert len(res.lrs) >= 16 and res.suggestion > 0
+    assert all(torch.equal(v, before[k]) for k, v in learn.model.state_dict().items())
+    after_sweep = precompute_head(learn, 2, lr_max=1e-2, head_learn=hl)
+
+    clear_memory_cache()
+    set_seed(0)
+    fresh = tiny_learner()
+    plain = precompute_head(fresh, 2, lr_max=1e-2)
+    assert torch.equal(after_sweep.features.train_x, plain.features.train_x)
+    for (k, a), b in zip(learn.model[1].state_dict().items(), fresh.model[1].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    with pytest.raises(ValueError, match="precompute_learner"):
+        precompute_head(fresh, 1, lr_max=1e-2, head_learn=hl)  # a head learner of another model
