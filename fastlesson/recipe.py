@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.training import BnFreeze
 from fastai.torch_core import set_seed
 
 from fastlesson import report
@@ -46,6 +47,7 @@ N_STEPS = 8
 TTA_N = 4  # augmented passes averaged by fastai's tta (its default), plus one plain pass
 SMOKE = {"size": 32, "bs": 8, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
          "lr_find_iters": 32, "top_losses": 4}  # seconds-long run that still makes every output
+FULL_LR_FLOOR = 10  # step 7's LR is kept within [head LR / 10, head LR]
 MIN_LR_FIND_ITERS = 24  # find_lr needs 16 points after dropping the first 10% and the last 5
 
 
@@ -296,6 +298,26 @@ def _precompute_step(learn, cfg, steps: _Steps, lr: float, head_learn) -> None:
     print(f"     {_acc_text(st)[2:]}")
 
 
+def _fit_head_frozen_body(learn, n_cycles: int, lr: float, cbs) -> None:
+    """Step 4: SGDR on the head alone, the frozen body exactly as precompute saw it.
+
+    fastai's frozen training keeps the body's BatchNorm layers trainable and in train mode
+    (``train_bn``): on augmented batches their statistics move away from the ones the head was
+    trained on in step 3, which undid that training (flowers102-small: 81.7% -> 65.9% after one
+    epoch). Here they stay in eval mode and untrained (fastai's ``BnFreeze``), as in fastai v0.7,
+    and since no gradient enters the body an epoch costs about one forward pass of it.
+    """
+    opt = learn.opt
+    body = [p for pl in opt.param_lists[:opt.frozen_idx] for p in pl if p.requires_grad]
+    for p in body:
+        p.requires_grad_(False)
+    try:
+        fit_sgdr(learn, n_cycles=n_cycles, cycle_len=1, cycle_mult=1, lr_max=lr, cbs=[BnFreeze(), *cbs])
+    finally:
+        for p in body:
+            p.requires_grad_(True)
+
+
 def _num(v):
     """Plain float (or None) from a tensor/number, for JSON."""
     if v is None:
@@ -374,8 +396,9 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
 
     # 4. head with augmentation, SGDR cycle_len=1
     steps.start(4, "train the head with augmentation (SGDR, cycle_len=1)", "head_sgdr")
-    fit_sgdr(learn, n_cycles=cfg.head_cycles, cycle_len=1, cycle_mult=1, lr_max=lr_head, cbs=mining)
-    st = steps.done(f"{cfg.head_cycles} cycle(s) of 1 epoch at lr {lr_head:.2e}", lr=lr_head)
+    _fit_head_frozen_body(learn, cfg.head_cycles, lr_head, mining)
+    st = steps.done(f"{cfg.head_cycles} cycle(s) of 1 epoch at lr {lr_head:.2e}, body BatchNorm frozen",
+                    lr=lr_head)
     print(f"     {_acc_text(st)[2:]}")
 
     # 5. unfreeze
@@ -396,14 +419,20 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     steps.start(7, "LR range test again on the unfrozen model", "lr_find_full", record=False)
     lrf["full"] = _lr_range_test(learn, cfg, out / "lr_find_full.png", fallback=lr_head / 10,
                                  lr_ratios=ratios.tolist())
-    # never above the head's LR: a higher LR on a trained head undoes the work of steps 3-4
-    lr_top = min(lrf["full"]["suggestion"], lr_head)
+    # never above the head's LR: a higher LR on a trained head undoes the work of steps 3-4; never
+    # below a tenth of it: on a trained model the curve is flat before it rises, its minimum lands on
+    # noise and the suggestion with it (seen: 2.9e-5 for a head LR of 1.6e-3, a fine-tune that barely moves)
+    suggested = lrf["full"]["suggestion"]
+    lr_top = float(np.clip(suggested, lr_head / FULL_LR_FLOOR, lr_head))
     lrs_full = ratios * lr_top
-    capped = lr_top < lrf["full"]["suggestion"]
-    steps.done(lrf["full"]["summary"] + (" (capped at the head LR)" if capped else "") + "; group LRs "
+    capped = lr_top < suggested
+    floored = lr_top > suggested
+    clamp = (" (capped at the head LR)" if capped else
+             f" (raised to the head LR / {FULL_LR_FLOOR})" if floored else "")
+    steps.done(lrf["full"]["summary"] + clamp + "; group LRs "
                + " / ".join(f"{v:.1e}" for v in lrs_full), lrs=[], lr=[float(v) for v in lrs_full],
-               capped_at_head_lr=capped,
-               note=f"suggested {lrf['full']['suggestion']:.1e}, capped at the head LR" if capped else "")
+               capped_at_head_lr=capped, floored_at_head_lr_div=floored,
+               note=f"suggested {suggested:.1e}, using {lr_top:.1e}{clamp}" if clamp else "")
 
     # 8. full network, SGDR cycle_mult=2, until validation loss stops improving
     steps.start(8, "train the full network (SGDR, cycle_mult=2) until it overfits", "full_sgdr")

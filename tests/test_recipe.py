@@ -69,7 +69,7 @@ def test_learning_rates_follow_the_recipe(run):
     assert len(ratios) >= 3 and np.allclose(ratios[:-1] / ratios[1:], 1 / res.config.lr_factor)
     full = np.array(s["lr_find_full"]["lr"])
     assert np.allclose(full / full[-1], ratios)  # step 8 trains with the discriminative LRs
-    assert full[-1] <= lr_head  # never above the head's LR
+    assert lr_head / 10 <= full[-1] <= lr_head  # never above the head's LR, nor below a tenth of it
     assert np.allclose(s["full_sgdr"]["lr"], full)
     assert s["unfreeze"]["trainable_groups"] == len(ratios)
 
@@ -249,3 +249,31 @@ def test_history_csv_and_report(tmp_path):
     md = report.write_report(tmp_path, {"data": "d", "arch": "a"}, metrics, {"losses": "losses.png"}).read_text()
     assert "87.5%" in md and "90.0%" in md and "| 4 | train the head | 0.001 |" in md
     assert "![losses](losses.png)" in md
+
+
+def test_step4_trains_the_head_with_the_body_exactly_frozen(tiny_learner):
+    """fastai's frozen fit trains the body's BatchNorm and moves its running stats; step 4 leaves the body
+    as precompute saw it (weights and BN statistics bit for bit), trains the head, and afterwards the
+    BN parameters are trainable again as fastai's train_bn has them."""
+    from fastlesson.recipe import _fit_head_frozen_body
+    from fastlesson.schedule import fit_sgdr, freeze
+
+    def body_state(learn):
+        return {k: v.clone() for k, v in learn.model[0].state_dict().items()}
+
+    plain = tiny_learner()
+    freeze(plain, verbose=False)
+    before = body_state(plain)
+    with plain.no_bar(), plain.no_logging():
+        fit_sgdr(plain, 1, 1, lr_max=1e-2, cycle_mult=1)
+    assert any(not torch.equal(v, before[k]) for k, v in body_state(plain).items())  # fastai's train_bn
+
+    learn = tiny_learner()
+    freeze(learn, verbose=False)
+    grads = [p.requires_grad for p in learn.model.parameters()]
+    before, head = body_state(learn), [p.clone() for p in learn.model[1].parameters()]
+    with learn.no_bar(), learn.no_logging():
+        _fit_head_frozen_body(learn, 1, 1e-2, [])
+    assert all(torch.equal(v, before[k]) for k, v in body_state(learn).items())
+    assert any(not torch.equal(a, b) for a, b in zip(head, learn.model[1].parameters()))
+    assert [p.requires_grad for p in learn.model.parameters()] == grads
