@@ -913,7 +913,9 @@ print(f"{pc.epochs} head epoch(s) in {pc.seconds_train:.1f} s; "
 ## Step 4. Train the head with augmentation: SGDR, `cycle_len=1`
 
 Now a few epochs through the whole (frozen) network, with augmentation, each epoch one cosine cycle
-that restarts at the head LR.
+that restarts at the head LR. Here fastai's frozen training also trains the body's BatchNorm layers
+(`train_bn`), whose statistics then drift towards the augmented batches; `run_recipe` keeps them
+frozen in this step (eval mode, no gradient), so the head trained in step 3 is not undone.
 """),
     code("""
 cycle_ends = fit_sgdr(learn, n_cycles=HEAD_CYCLES, cycle_len=1, cycle_mult=1, lr_max=lr_head)
