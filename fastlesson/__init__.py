@@ -13,6 +13,7 @@ from fastlesson.schedule import (
     fit_one_cycle,
     fit_sgdr,
     freeze,
+    freeze_to,
     lr_groups,
     n_groups,
     plot_schedules,
@@ -105,7 +106,7 @@ from fastlesson.scrape_search import (
 __all__ = [
     # training core
     "LRFinderResult", "find_lr",
-    "SCHEDULE_KINDS", "SGDRScheduler", "fit_one_cycle", "fit_sgdr", "freeze", "lr_groups", "n_groups",
+    "SCHEDULE_KINDS", "SGDRScheduler", "fit_one_cycle", "fit_sgdr", "freeze", "freeze_to", "lr_groups", "n_groups",
     "plot_schedules", "resolve_lrs", "schedule_preview", "sgdr_cycle_lengths", "sgdr_epochs", "sgdr_lrs",
     "unfreeze",
     "OPTIMIZERS", "Lookahead", "lookahead", "opt_func",

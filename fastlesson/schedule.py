@@ -115,6 +115,16 @@ def unfreeze(learn, verbose: bool = True) -> int:
     return _freeze_to(learn, 0, "unfreeze", verbose)
 
 
+def freeze_to(learn, n: int, verbose: bool = True) -> int:
+    """Freeze the layer groups before group ``n`` and train the rest (fastai's ``freeze_to``, which keeps
+    BatchNorm trainable when ``train_bn``); returns the number of trainable groups."""
+    total = n_groups(learn)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not -total <= n < total:
+        raise ValueError(f"freeze_to n={n!r}: use a layer group index in [{-total}, {total - 1}] "
+                         f"(0 trains every group, -1 only the head)")
+    return _freeze_to(learn, int(n), "freeze_to", verbose)
+
+
 # ----------------------------------------------------------------------------- one-cycle
 
 def _opt_name(learn) -> str:

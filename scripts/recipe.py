@@ -42,6 +42,12 @@ def parse_args(argv=None) -> RecipeConfig:
     p.add_argument("--lr-factor", type=float, default=d.lr_factor,
                    help=f"step 6: each earlier layer group trains this many times slower (the lesson: 3-10) "
                         f"[{d.lr_factor:g}]")
+    p.add_argument("--freeze-to", type=int, default=d.freeze_to,
+                   help=f"step 5 unfreezes layer groups from this one on: 0 = every layer, 1 keeps the early "
+                        f"body frozen (faster, and better on small data sets) [{d.freeze_to}]")
+    p.add_argument("--train-bn", action="store_true",
+                   help="let the body's BatchNorm layers train in steps 7-8 (default: kept in eval mode with "
+                        "their ImageNet statistics, fastai v0.7's bn_freeze)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed [{d.seed}]")
     p.add_argument("--out", default=None, help="output folder [runs/<data>-<arch>-<YYYYmmdd-HHMMSS>]")
     p.add_argument("--no-precompute", action="store_true",
@@ -54,7 +60,7 @@ def parse_args(argv=None) -> RecipeConfig:
                    help="tiny run (32 px, 1 epoch per step) that still makes every output; for tests")
     a = p.parse_args(argv)
     return RecipeConfig(data=a.data, arch=a.arch, size=a.size, bs=a.bs, opt=a.opt, epochs_max=a.epochs_max,
-                        lr_factor=a.lr_factor, seed=a.seed, out=a.out, precompute=not a.no_precompute,
+                        lr_factor=a.lr_factor, freeze_to=a.freeze_to, bn_freeze=not a.train_bn, seed=a.seed, out=a.out, precompute=not a.no_precompute,
                         pretrained=not a.no_pretrained, hard_mining=a.hard_mining, tta=not a.no_tta,
                         smoke=a.smoke)
 

@@ -71,7 +71,31 @@ def test_learning_rates_follow_the_recipe(run):
     assert np.allclose(full / full[-1], ratios)  # step 8 trains with the discriminative LRs
     assert lr_head / 10 <= full[-1] <= lr_head  # never above the head's LR, nor below a tenth of it
     assert np.allclose(s["full_sgdr"]["lr"], full)
-    assert s["unfreeze"]["trainable_groups"] == len(ratios)
+    assert s["unfreeze"]["trainable_groups"] == len(ratios) - res.config.freeze_to == 2
+
+
+def test_step8_keeps_the_early_body_and_the_body_batchnorm_as_pretrained(run):
+    """Defaults freeze_to=1 and bn_freeze: after the whole run the early layer group and every BatchNorm
+    layer of the body (weights and running statistics) are the ImageNet ones bit for bit; the late body
+    trained; the layout is plain again (channels-last only while training)."""
+    from fastlesson.models import build_model, splitter
+
+    res, *_ = run
+    model = res.learn.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    early = {names[id(p)] for p in splitter(model)[0]}
+    late = {names[id(p)] for p in splitter(model)[1]}
+    fresh = build_model(res.config.arch, len(res.learn.dls.vocab), pretrained=True).state_dict()
+    trained = model.state_dict()
+    bn_keys = {k for k in trained if k.startswith("0.") and re.search(r"\.(bn\d*)\.", k)}
+    assert bn_keys and any(k.endswith("running_var") for k in bn_keys)
+    for k in early | bn_keys:
+        assert torch.equal(trained[k], fresh[k]), k
+    assert any(not torch.equal(trained[k], fresh[k]) for k in late - bn_keys)
+    params = dict(model.named_parameters())
+    # left as fastai's freeze_to(1) leaves a learner: BatchNorm trainable again (train_bn), early convs not
+    assert all(params[k].requires_grad == (k not in early or k in bn_keys) for k in params)
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_outputs_written(run):
@@ -181,6 +205,7 @@ def test_fit_until_overfit_bounded_by_epochs_max(tiny_learner):
 
 
 @pytest.mark.parametrize("field,value", [("size", 4), ("bs", 0), ("epochs_max", 0), ("opt", "adamw"),
+                                         ("freeze_to", -1), ("freeze_to", 1.0),
                                          ("lr_factor", 0.5), ("hard_mining", 1.5), ("lr_find_iters", 5)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"RecipeConfig.{field}="):
@@ -195,6 +220,17 @@ def test_config_defaults_and_smoke():
     assert re.fullmatch(r"runs/sample-tf_efficientnet_lite0-\d{8}-\d{6}", eff.out)
     smoke = RecipeConfig(smoke=True, data="/x/my data").effective()
     assert smoke.size == SMOKE["size"] and smoke.epochs_max == 1 and "my_data-" in smoke.out
+    assert (d.freeze_to, d.bn_freeze, d.lr_factor) == (1, True, 10)
+    scratch = RecipeConfig(pretrained=False).effective()  # random early layers and BN statistics must train
+    assert (scratch.freeze_to, scratch.bn_freeze) == (0, False)
+
+
+def test_freeze_to_past_the_body_is_refused_before_any_output(tmp_path):
+    root = write_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"freeze_to=2 would leave only the head.*use 0\.\.1"):
+        run_recipe(RecipeConfig(data=str(root), smoke=True, out=str(out), freeze_to=2))
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- report.py on plain arrays

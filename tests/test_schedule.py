@@ -17,6 +17,7 @@ from fastlesson.schedule import (
     fit_one_cycle,
     fit_sgdr,
     freeze,
+    freeze_to,
     lr_groups,
     n_groups,
     plot_schedules,
@@ -150,6 +151,18 @@ def test_freeze_unfreeze_count_groups_and_keep_batchnorm_trainable(learner, caps
     assert all(p.requires_grad for p in learn.model.parameters())
 
 
+def test_freeze_to_trains_the_later_groups_and_checks_its_index(learner, capsys):
+    learn = learner()
+    assert freeze_to(learn, 1) == 2
+    assert "2 of 3 layer groups trainable" in capsys.readouterr().out
+    early = learn.model[0][0]
+    assert not early[0].weight.requires_grad and early[1].weight.requires_grad  # train_bn, as fastai
+    assert freeze_to(learn, -1, verbose=False) == 1 and freeze_to(learn, 0, verbose=False) == 3
+    for n in (3, -4, 1.0, True):
+        with pytest.raises(ValueError, match=r"freeze_to n=.*\[-3, 2\]"):
+            freeze_to(learn, n)
+
+
 def test_freeze_refuses_one_group_model_where_fastai_trains_everything(learner):
     learn = learner(splitter=False)
     learn.freeze()  # fastai: no error, nothing frozen
@@ -157,7 +170,7 @@ def test_freeze_refuses_one_group_model_where_fastai_trains_everything(learner):
     before = conv.detach().clone()
     quiet(lambda lrn: lrn.fit(1, 1e-2), learn)
     assert not torch.equal(before, conv.detach())  # the "frozen" body trained
-    for fn in (freeze, unfreeze):
+    for fn in (freeze, unfreeze, lambda lrn: freeze_to(lrn, 0)):
         with pytest.raises(ValueError, match="1 layer group.*splitter"):
             fn(learn)
 
