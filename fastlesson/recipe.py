@@ -2,7 +2,7 @@
 
 The eight steps (DESIGN.md), each printed with a header and a one-line result:
  1. data with augmentation and a pretrained backbone        5. unfreeze (all but the early body)
- 2. LR range test (frozen body)                             6. discriminative LRs (3x-10x per group)
+ 2. LR range test (frozen body)                             6. discriminative LRs (10x per group)
  3. train the head on precomputed activations               7. LR range test again (unfrozen)
  4. train the head with augmentation (SGDR, cycle_len=1)    8. full network, SGDR cycle_mult=2, until
                                                                validation loss stops improving
@@ -29,6 +29,7 @@ from fastai.callback.training import BnFreeze, bn_types
 from fastai.torch_core import set_seed
 
 from fastlesson import report
+from fastlesson._io import save_png
 from fastlesson.data import load_data
 from fastlesson.export import export_bundle, export_learner, write_json
 from fastlesson.finder import find_lr
@@ -51,6 +52,7 @@ TTA_N = 4  # augmented passes averaged by fastai's tta (its default), plus one p
 SMOKE = {"size": 32, "bs": 8, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
          "lr_find_iters": 32, "top_losses": 4}  # seconds-long run that still makes every output
 FULL_LR_FLOOR = 10  # step 7's LR is kept within [head LR / 10, head LR]
+RISE_TOL = 0.25  # step 7: the loss "starts to rise" where its smoothed curve passes its minimum by 25%
 MIN_LR_FIND_ITERS = 24  # find_lr needs 16 points after dropping the first 10% and the last 5
 
 
@@ -276,21 +278,46 @@ def _acc_text(step: dict) -> str:
     return "" if acc is None else f", valid loss {vl:.3f}, accuracy {100 * acc:.1f}%"
 
 
-def _lr_range_test(learn, cfg, png: Path, fallback: float, **kw) -> dict:
-    """find_lr + its plot; if the test cannot suggest (tiny or wild data), `fallback`, said loudly."""
+def rise_lr(res, tol: float = RISE_TOL) -> float:
+    """LR where a range test's smoothed loss, past its minimum, first exceeds that minimum by `tol`
+    (relative): where the loss "starts to rise". The last LR tested if it never does."""
+    sm = np.asarray(res.smoothed, dtype=float)
+    i = int(np.argmin(sm))
+    above = np.flatnonzero(sm[i:] > sm[i] * (1 + tol))
+    return float(res.lrs[i + above[0]] if above.size else res.lrs[-1])
+
+
+def _lr_range_test(learn, cfg, png: Path, fallback: float, rise: bool = False, **kw) -> dict:
+    """find_lr + its plot; if the test cannot suggest (tiny or wild data), `fallback`, said loudly.
+
+    ``rise``: pick an order of magnitude below where the loss starts to rise (``rise_lr``), the lesson's
+    rule for an unfrozen, already trained model, whose curve is flat until it rises: find_lr's valley
+    then lands on noise (seen: 2.8e-5 on a curve flat from 1e-5 to 1e-2)."""
     try:
         res = find_lr(learn, num_it=cfg.lr_find_iters, **kw)
     except ValueError as e:
         print(f"  WARNING: the LR range test could not suggest an LR ({e}); using lr {fallback:.2e}")
         return {"suggestion": float(fallback), "stop_reason": "failed", "error": str(e),
                 "summary": f"no suggestion, fallback lr {fallback:.2e}"}
-    res.plot(png)
-    return {"suggestion": float(res.suggestion), "stop_reason": res.stop_reason,
-            "suggestions": {k: float(v) for k, v in res.suggestions.items()},
-            "group_lrs": None if res.group_lrs is None else [float(v) for v in res.group_lrs],
-            "plot": png.name,
-            "summary": f"suggested lr {res.suggestion:.2e} ({res.stop_reason} after {len(res.lrs)} "
-                       f"batches; fastai's valley {res.suggestions['valley']:.2e})"}
+    out = {"suggestion": float(res.suggestion), "stop_reason": res.stop_reason,
+           "suggestions": {k: float(v) for k, v in res.suggestions.items()},
+           "group_lrs": None if res.group_lrs is None else [float(v) for v in res.group_lrs],
+           "plot": png.name,
+           "summary": f"suggested lr {res.suggestion:.2e} ({res.stop_reason} after {len(res.lrs)} "
+                      f"batches; fastai's valley {res.suggestions['valley']:.2e})"}
+    fig = res.plot()
+    if rise:
+        at = rise_lr(res)
+        out.update(find_lr_suggestion=out["suggestion"], rise_lr=at, suggestion=at / 10,
+                   summary=f"loss starts to rise at lr {at:.2e}: using a tenth, {at / 10:.2e} "
+                           f"({res.stop_reason} after {len(res.lrs)} batches; find_lr's valley-based "
+                           f"suggestion {res.suggestion:.2e})")
+        ax = fig.axes[0]
+        ax.axvline(at, color="C3", ls=":", label=f"loss rises {at:.1e}")
+        ax.axvline(at / 10, color="C4", ls="-.", label=f"rise / 10 = {at / 10:.1e}")
+        ax.legend(loc="best", fontsize="small")
+    save_png(fig, png)
+    return out
 
 
 def _precompute_step(learn, cfg, steps: _Steps, lr: float, head_learn) -> None:
@@ -393,6 +420,7 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     # channels-last tensors: mkldnn's convolutions on CPU run ~1.5x faster (lite0 at 160 px: a training
     # batch of 32 in 2.5 s instead of 3.7 s); on GPU with fastai's mixed precision, as in to_fp16
     learn.to_channelslast(use_amp=torch.cuda.is_available())
+    learn.model.to(memory_format=torch.channels_last)  # now, for step 2's body pass (the callback: at fit)
     n_train, n_valid = len(dls.train_ds), len(dls.valid_ds)
     freeze(learn, verbose=False)
     if cfg.freeze_to > n_groups(learn) - 2:
@@ -461,10 +489,9 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     steps.start(7, "LR range test again on the unfrozen model", "lr_find_full", record=False)
     with _held(bn_held):
         lrf["full"] = _lr_range_test(learn, cfg, out / "lr_find_full.png", fallback=lr_head / 10,
-                                     lr_ratios=ratios.tolist(), cbs=bn_cbs)
+                                     rise=True, lr_ratios=ratios.tolist(), cbs=bn_cbs)
     # never above the head's LR: a higher LR on a trained head undoes the work of steps 3-4; never
-    # below a tenth of it: on a trained model the curve is flat before it rises, its minimum lands on
-    # noise and the suggestion with it (seen: 2.9e-5 for a head LR of 1.6e-3, a fine-tune that barely moves)
+    # below a tenth of it: a fine-tune at lower LRs barely moves
     suggested = lrf["full"]["suggestion"]
     lr_top = float(np.clip(suggested, lr_head / FULL_LR_FLOOR, lr_head))
     lrs_full = ratios * lr_top

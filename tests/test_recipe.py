@@ -70,6 +70,10 @@ def test_learning_rates_follow_the_recipe(run):
     full = np.array(s["lr_find_full"]["lr"])
     assert np.allclose(full / full[-1], ratios)  # step 8 trains with the discriminative LRs
     assert lr_head / 10 <= full[-1] <= lr_head  # never above the head's LR, nor below a tenth of it
+    rise = res.metrics["lr_find"]["full"]
+    if rise["stop_reason"] != "failed":  # step 7 picks a tenth of where the loss starts to rise
+        assert rise["suggestion"] == pytest.approx(rise["rise_lr"] / 10)
+        assert full[-1] == pytest.approx(np.clip(rise["rise_lr"] / 10, lr_head / 10, lr_head))
     assert np.allclose(s["full_sgdr"]["lr"], full)
     assert s["unfreeze"]["trainable_groups"] == len(ratios) - res.config.freeze_to == 2
 
@@ -223,6 +227,21 @@ def test_config_defaults_and_smoke():
     assert (d.freeze_to, d.bn_freeze, d.lr_factor) == (1, True, 10)
     scratch = RecipeConfig(pretrained=False).effective()  # random early layers and BN statistics must train
     assert (scratch.freeze_to, scratch.bn_freeze) == (0, False)
+
+
+def test_rise_lr_is_where_the_smoothed_loss_passes_its_minimum_by_a_quarter():
+    from types import SimpleNamespace
+
+    from fastlesson.recipe import rise_lr
+
+    lrs = np.logspace(-7, 1, 81)  # 10 points a decade
+    wobble = 0.02 * np.sin(np.arange(81))  # a flat, noisy start: valley-style rules land anywhere on it
+    flat_then_up = np.where(lrs <= 1e-2, 0.6 + wobble, 0.6 * lrs / 1e-2)
+    res = SimpleNamespace(lrs=lrs, smoothed=flat_then_up)
+    at = rise_lr(res)
+    assert at == lrs[np.flatnonzero((lrs > 1e-2) & (flat_then_up > flat_then_up.min() * 1.25))[0]]
+    assert 1e-2 < at < 2e-2
+    assert rise_lr(SimpleNamespace(lrs=lrs, smoothed=np.full(81, 0.5))) == lrs[-1]  # never rises
 
 
 def test_freeze_to_past_the_body_is_refused_before_any_output(tmp_path):

@@ -838,11 +838,12 @@ NB05 = [
     code(SMALL_SWITCH + """
 %matplotlib inline
 import pandas as pd
+from fastai.callback.training import BnFreeze, bn_types
 from fastai.torch_core import set_seed
 
 from fastlesson import (
-    create_learner, find_lr, fit_sgdr, load_data, lr_groups, n_groups, precompute_head, precompute_learner,
-    unfreeze,
+    create_learner, find_lr, fit_sgdr, freeze_to, load_data, lr_groups, n_groups, precompute_head,
+    precompute_learner,
 )
 from fastlesson.recipe import fit_until_overfit
 from fastlesson.report import confusion_matrix, most_confused, plot_confusion
@@ -857,7 +858,8 @@ BS = 32  # images per batch
 NUM_IT = 24 if SMALL else 100  # batches per LR range test
 PRECOMPUTE_EPOCHS = 1 if SMALL else 8  # step 3 (the lesson: 1-2; on the cache an epoch costs seconds)
 HEAD_CYCLES = 1 if SMALL else 2  # step 4: SGDR cycles of one epoch (the lesson: 2-3)
-LR_FACTOR = 3.0  # step 6: each earlier layer group trains this many times slower (the lesson: 3-10)
+FREEZE_TO = 1  # step 5: unfreeze layer groups from this one on (0: all; 1 keeps the early body frozen)
+LR_FACTOR = 10.0  # step 6: each earlier layer group trains this many times slower (the lesson: 3-10)
 EPOCHS_MAX = 1 if SMALL else 7  # step 8: at most 1 + 2 + 4 epochs
 set_seed(42)
 """),
@@ -915,17 +917,31 @@ print(f"{pc.epochs} head epoch(s) in {pc.seconds_train:.1f} s; "
 Now a few epochs through the whole (frozen) network, with augmentation, each epoch one cosine cycle
 that restarts at the head LR. Here fastai's frozen training also trains the body's BatchNorm layers
 (`train_bn`), whose statistics then drift towards the augmented batches; `run_recipe` keeps them
-frozen in this step (eval mode, no gradient), so the head trained in step 3 is not undone.
+frozen in this step (eval mode, no gradient), so the head trained in step 3 is not undone. Below,
+the body's BatchNorm layers get no gradient, and fastai's `BnFreeze` callback keeps every BatchNorm
+layer without gradient in eval mode.
 """),
     code("""
-cycle_ends = fit_sgdr(learn, n_cycles=HEAD_CYCLES, cycle_len=1, cycle_mult=1, lr_max=lr_head)
+bn_params = [p for m in learn.model[0].modules() if isinstance(m, bn_types) for p in m.parameters()]
+for p in bn_params:
+    p.requires_grad_(False)  # the body's BatchNorm: ImageNet weights and statistics, as precompute saw them
+cycle_ends = fit_sgdr(learn, n_cycles=HEAD_CYCLES, cycle_len=1, cycle_mult=1, lr_max=lr_head,
+                      cbs=[BnFreeze()])
 print("cycles ended after epochs", [e + 1 for e in cycle_ends])
 """),
     md("""
-## Step 5. Unfreeze all layers
+## Step 5. Unfreeze
+
+The lesson unfreezes every layer. On a small data set two changes help, and `run_recipe` makes
+both by default: the early body (stem and first stages, layer group 0) stays frozen (its backward
+pass is the costly one on a CPU, and its generic edge and texture detectors need no change), and the
+body's BatchNorm layers keep their ImageNet statistics (fastai v0.7's `bn_freeze(True)`): trained,
+they follow the small augmented batches. Set `FREEZE_TO = 0` to unfreeze everything.
 """),
     code("""
-unfreeze(learn)
+freeze_to(learn, FREEZE_TO)
+for p in bn_params:
+    p.requires_grad_(False)  # freeze_to made them trainable again (fastai's train_bn)
 """),
     md("""
 ## Step 6. Discriminative learning rates
@@ -942,12 +958,13 @@ print("LR ratios, early body -> head:", " : ".join(f"{r:.3g}" for r in ratios))
 ## Step 7. LR range test again, on the unfrozen model
 
 The sweep moves all groups together and keeps the ratios from step 6. The head is already trained,
-so the loss starts low and the curve looks different from step 2; the recipe never goes above the
-head's LR from step 2, which would undo the head training.
+so the loss starts low and the curve looks different from step 2: flat before it rises, so its
+minimum can land on noise. The recipe keeps the LR between a tenth of the head's LR from step 2 and
+that LR (higher would undo the head training). The early group is frozen: its LR is not used.
 """),
     code("""
-res_full = find_lr(learn, num_it=NUM_IT, lr_ratios=ratios.tolist())
-lr_top = min(res_full.suggestion, lr_head)
+res_full = find_lr(learn, num_it=NUM_IT, lr_ratios=ratios.tolist(), cbs=[BnFreeze()])
+lr_top = min(max(res_full.suggestion, lr_head / 10), lr_head)
 lrs = ratios * lr_top
 print(f"suggested {res_full.suggestion:.2e}, using {lr_top:.2e}; group LRs",
       " / ".join(f"{lr:.1e}" for lr in lrs))
@@ -961,7 +978,7 @@ brings no improvement means the model has started to overfit, so training stops 
 weights seen are restored.
 """),
     code("""
-stop = fit_until_overfit(learn, lrs, EPOCHS_MAX, cycle_len=1, cycle_mult=2)
+stop = fit_until_overfit(learn, lrs, EPOCHS_MAX, cycle_len=1, cycle_mult=2, cbs=[BnFreeze()])
 stop
 """),
     md("""
@@ -987,7 +1004,7 @@ plot_confusion(cm, data.classes) if len(data.classes) <= 20 else None
    where the head's loss still clearly falls.
 3. `precompute_head`: the head on the cached activations (epochs there cost seconds).
 4. `fit_sgdr(cycle_len=1)`: the head with augmentation, 2-3 one-epoch cycles.
-5. `unfreeze`.
+5. `freeze_to(1)` (or `unfreeze`), the body's BatchNorm kept frozen.
 6. `lr_groups(factor=3..10)`: discriminative LRs.
 7. `find_lr(lr_ratios=...)` again on the unfrozen model.
 8. `fit_until_overfit`: SGDR with `cycle_mult=2` until validation loss stops improving, keeping the
