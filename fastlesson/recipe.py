@@ -52,7 +52,7 @@ TTA_N = 4  # augmented passes averaged by fastai's tta (its default), plus one p
 SMOKE = {"size": 32, "bs": 8, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
          "lr_find_iters": 32, "top_losses": 4}  # seconds-long run that still makes every output
 FULL_LR_FLOOR = 10  # step 7's LR is kept within [head LR / 10, head LR]
-RISE_TOL = 0.25  # step 7: the loss "starts to rise" where its smoothed curve passes its minimum by 25%
+RISE_TOL = 0.25  # step 7: the loss "starts to rise" where its smoothed curve goes, and stays, 25% above its minimum
 MIN_LR_FIND_ITERS = 24  # find_lr needs 16 points after dropping the first 10% and the last 5
 
 
@@ -279,12 +279,15 @@ def _acc_text(step: dict) -> str:
 
 
 def rise_lr(res, tol: float = RISE_TOL) -> float:
-    """LR where a range test's smoothed loss, past its minimum, first exceeds that minimum by `tol`
-    (relative): where the loss "starts to rise". The last LR tested if it never does."""
-    sm = np.asarray(res.smoothed, dtype=float)
-    i = int(np.argmin(sm))
-    above = np.flatnonzero(sm[i:] > sm[i] * (1 + tol))
-    return float(res.lrs[i + above[0]] if above.size else res.lrs[-1])
+    """LR where a range test's loss "starts to rise": from there on the smoothed loss stays above its
+    minimum by more than `tol` (relative). The minimum is taken inside find_lr's window (its first 10%
+    of points are noisy); a bump that comes back down is not the rise. The last LR tested if none."""
+    sm, lrs = np.asarray(res.smoothed, dtype=float), np.asarray(res.lrs, dtype=float)
+    lo = (getattr(res, "window", None) or (0, len(sm)))[0]
+    i = lo + int(np.argmin(sm[lo:]))
+    not_above = np.flatnonzero(sm[i:] <= sm[i] + tol * abs(sm[i]))  # holds at i itself
+    j = i + int(not_above[-1]) + 1  # the first point of the final run above the threshold
+    return float(lrs[j] if j < len(lrs) else lrs[-1])
 
 
 def _lr_range_test(learn, cfg, png: Path, fallback: float, rise: bool = False, **kw) -> dict:
