@@ -44,7 +44,6 @@ from fastlesson.schedule import (
     lr_groups,
     n_groups,
     sgdr_cycle_lengths,
-    unfreeze,
 )
 
 N_STEPS = 8
@@ -352,7 +351,7 @@ def _held(params):
     for p in held:
         p.requires_grad_(False)
     try:
-        yield held
+        yield
     finally:
         for p in held:
             p.requires_grad_(True)
@@ -470,11 +469,10 @@ def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
     title = ("unfreeze all layers" if cfg.freeze_to == 0 else
              f"unfreeze layer groups {cfg.freeze_to} and up (the early body stays frozen)")
     steps.start(5, title, "unfreeze")
-    unfreeze(learn, verbose=False)
-    n_train_groups = freeze_to(learn, cfg.freeze_to, verbose=False)
+    n_train_groups = freeze_to(learn, cfg.freeze_to, verbose=False)  # 0: fastai's unfreeze
     bn_held = _body_bn_params(learn) if cfg.bn_freeze else []
-    n_params = sum(p.numel() for p in learn.model.parameters() if p.requires_grad and
-                   all(p is not q for q in bn_held))
+    held_ids = {id(p) for p in bn_held}
+    n_params = sum(p.numel() for p in learn.model.parameters() if p.requires_grad and id(p) not in held_ids)
     bn_note = "; body BatchNorm frozen (eval mode, ImageNet statistics)" if cfg.bn_freeze else ""
     steps.done(f"{n_train_groups} of {n_groups(learn)} layer groups trainable, {n_params / 1e6:.2f} M "
                f"parameters{bn_note}", lrs=[], trainable_groups=n_train_groups, bn_freeze=cfg.bn_freeze)

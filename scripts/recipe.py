@@ -60,7 +60,8 @@ def parse_args(argv=None) -> RecipeConfig:
                    help="tiny run (32 px, 1 epoch per step) that still makes every output; for tests")
     a = p.parse_args(argv)
     return RecipeConfig(data=a.data, arch=a.arch, size=a.size, bs=a.bs, opt=a.opt, epochs_max=a.epochs_max,
-                        lr_factor=a.lr_factor, freeze_to=a.freeze_to, bn_freeze=not a.train_bn, seed=a.seed, out=a.out, precompute=not a.no_precompute,
+                        lr_factor=a.lr_factor, freeze_to=a.freeze_to, bn_freeze=not a.train_bn, seed=a.seed,
+                        out=a.out, precompute=not a.no_precompute,
                         pretrained=not a.no_pretrained, hard_mining=a.hard_mining, tta=not a.no_tta,
                         smoke=a.smoke)
 
