@@ -32,6 +32,13 @@ URLS = {"flowers": URLs.FLOWERS, "cifar10": URLs.CIFAR, "cifar100": URLs.CIFAR_1
 MIN_TRAIN_PER_CLASS = 2  # fewer training images than this cannot teach a class anything
 SMALL_IMAGE_PX = 64  # images this small (longest side, px) get CIFAR-style augmentation
 VALID_DIRS = ("valid", "val", "test")  # first one present next to train/ is the validation split
+# Validation (and prediction) view of a photo: resize to size * (1 + VAL_XTRA), centre-crop `size` (fastai's
+# RandomResizedCrop at split_idx=1; its default 0.14 is the usual 0.875 crop). Training crops of min_scale
+# 0.35 show objects ~1.2x larger than that, so a tighter crop matches them better (Touvron et al. 2019,
+# "Fixing the train-test resolution discrepancy"). flowers102-small, lite0 at 160 px, two trained models:
+# 0.14 -> 88.0% / 88.9%, 0.25 -> 89.0% / 90.5%, 0.35 -> 88.5% / 88.8%, 0.5 -> 86.9% (first model)
+VAL_XTRA = 0.25
+MIN_SCALE = 0.35  # smallest training crop, as a fraction of the image area
 
 
 @dataclass
@@ -209,7 +216,7 @@ def _tfms(size: int, item_size: int | None, aug: bool, small: bool):
     item_size = item_size or size
     if not aug:
         return [Resize(item_size)], ([Resize(size)] if item_size != size else [])
-    return [RandomResizedCrop(item_size, min_scale=0.35)], aug_transforms(size=size)
+    return [RandomResizedCrop(item_size, min_scale=MIN_SCALE, val_xtra=VAL_XTRA)], aug_transforms(size=size)
 
 
 def load_data(source, size: int = 224, bs: int = 64, seed: int = 42, valid_pct: float = 0.2,

@@ -81,14 +81,15 @@ def plot_losses(history: Sequence[dict], path=None) -> Figure:
     x = np.arange(1, len(history) + 1)
     col = {k: np.array([np.nan if r.get(k) in (None, "") else float(r[k]) for r in history])
            for k in ("train_loss", "valid_loss", "accuracy")}
+    seen = {k: np.isfinite(v) for k, v in col.items()}  # epochs not validated (mid-cycle) are skipped
     ax.plot(x, col["train_loss"], "o-", label="train loss")
-    ax.plot(x, col["valid_loss"], "s-", label="valid loss")
+    ax.plot(x[seen["valid_loss"]], col["valid_loss"][seen["valid_loss"]], "s-", label="valid loss")
     _shade_steps(ax, _step_spans([r["step"] for r in history]), offset=0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    if np.isfinite(col["accuracy"]).any():
+    if seen["accuracy"].any():
         ax2 = ax.twinx()
-        ax2.plot(x, col["accuracy"], "^--", color="C2", label="accuracy")
+        ax2.plot(x[seen["accuracy"]], col["accuracy"][seen["accuracy"]], "^--", color="C2", label="accuracy")
         ax2.set_ylabel("accuracy")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right", fontsize=7)

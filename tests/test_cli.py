@@ -52,7 +52,7 @@ def test_recipe_help_lists_every_option(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     for flag in ("--data", "--arch", "--size", "--bs", "--opt", "--epochs-max", "--seed", "--out",
-                 "--no-precompute", "--no-pretrained", "--hard-mining", "--lr-factor", "--no-tta", "--smoke"):
+                 "--no-precompute", "--no-pretrained", "--hard-mining", "--lr-factor", "--no-tta", "--valid-every-epoch", "--smoke"):
         assert flag in out
     assert "lookahead-radam" in out and "sample" in out
 
@@ -62,10 +62,10 @@ def test_recipe_flags_reach_the_config():
     assert parse([]) == RecipeConfig()  # no arguments: the offline default (sample data, lite0)
     cfg = parse(["--data", "flowers", "--arch", "resnet34", "--size", "224", "--bs", "16", "--opt", "ranger",
                  "--epochs-max", "15", "--seed", "1", "--out", "o", "--no-precompute", "--no-pretrained",
-                 "--hard-mining", "0.25", "--lr-factor", "10", "--no-tta", "--smoke"])
+                 "--hard-mining", "0.25", "--lr-factor", "10", "--no-tta", "--valid-every-epoch", "--smoke"])
     assert cfg == RecipeConfig(data="flowers", arch="resnet34", size=224, bs=16, opt="ranger", epochs_max=15,
                                seed=1, out="o", precompute=False, pretrained=False, hard_mining=0.25,
-                               lr_factor=10.0, tta=False, smoke=True)
+                               lr_factor=10.0, tta=False, valid_every_epoch=True, smoke=True)
 
 
 def test_recipe_smoke_makes_every_output(smoke_run):

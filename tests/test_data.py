@@ -15,10 +15,19 @@ import numpy as np
 import pytest
 import torch
 from fastai.vision.augment import CropPad, RandomResizedCrop
+from fastai.vision.core import PILImage
 from fastai.vision.data import ImageDataLoaders
 from PIL import Image
 
-from fastlesson.data import SOURCES, flower_names, image_problem, load_data, sample_path
+from fastlesson.data import (
+    MIN_SCALE,
+    SOURCES,
+    VAL_XTRA,
+    flower_names,
+    image_problem,
+    load_data,
+    sample_path,
+)
 
 SMALL = {"size": 32, "bs": 4}  # px, images per batch: keeps every test a few seconds on CPU
 
@@ -107,6 +116,34 @@ def test_photos_get_random_resized_crop_and_batch_aug(image_folder):
     plain = load_data(image_folder("plain", size=(120, 90)), size=64, bs=4, aug=False)
     assert not any(isinstance(t, RandomResizedCrop) for t in plain.dls.after_item.fs)
     assert [type(t).__name__ for t in plain.dls.after_batch.fs] == ["IntToFloatTensor"]
+
+
+def _framed(path: Path, side: int = 100, border: float = 0.12) -> None:
+    """A green square with a red frame `border` of the side wide."""
+    a = np.zeros((side, side, 3), np.uint8)
+    a[...] = (255, 0, 0)
+    b = int(side * border)
+    a[b:side - b, b:side - b] = (0, 255, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def test_validation_view_is_a_tighter_centre_crop_than_fastai_default(tmp_path):
+    """Validation shows the centre 1/(1+VAL_XTRA) of a photo (71% of the side at 40 px): a frame 12% wide
+    is cropped away, while fastai's default val_xtra=0.14 (83%) still shows it."""
+    for split in ("train", "valid"):
+        for c in ("a", "b"):
+            for i in range(2):
+                _framed(tmp_path / split / c / f"{i}.png")
+    res = load_data(tmp_path, size=40, bs=4)
+    (rrc,) = [t for t in res.dls.valid.after_item.fs if isinstance(t, RandomResizedCrop)]
+    assert rrc.val_xtra == VAL_XTRA and rrc.min_scale == MIN_SCALE
+    img = PILImage.create(tmp_path / "valid" / "a" / "0.png")
+    ours = np.asarray(rrc(img, split_idx=1))
+    default = np.asarray(RandomResizedCrop(40)(img, split_idx=1))
+    assert ours.shape == default.shape == (40, 40, 3)
+    red = lambda a: int(((a[..., 0] > 200) & (a[..., 1] < 60)).sum())  # noqa: E731
+    assert red(ours) == 0 and red(default) > 0
 
 
 def test_tiny_images_get_pad_crop_and_flip_not_warps(image_folder):

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import re
 
 import numpy as np
@@ -208,6 +209,18 @@ def test_fit_until_overfit_bounded_by_epochs_max(tiny_learner):
     assert learn.validate()[0] == pytest.approx(stop["best_valid_loss"], rel=1e-5)
 
 
+def test_fit_until_overfit_validates_at_cycle_ends_only(tiny_learner):
+    """valid_every_epoch=False: cycles of 1 and 2 epochs validate after epochs 1 and 3 only; epoch 2's row
+    has its training loss alone, and only validated epochs are best-weight candidates."""
+    learn = tiny_learner(n_train=128)
+    stop = fit_until_overfit(learn, 3e-3, epochs_max=3, baseline=math.inf, valid_every_epoch=False)
+    assert (stop["cycles"], stop["epochs"]) == (2, 3)
+    rows = [list(v) for v in learn.recorder.values]  # the last fit (cycle 2): epochs 2 and 3
+    assert len(rows[0]) == 1 and len(rows[1]) == 3  # [train_loss] | [train_loss, valid_loss, accuracy]
+    assert stop["best_epoch"] in (1, 3)
+    assert learn.validate()[0] == pytest.approx(stop["best_valid_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("field,value", [("size", 4), ("bs", 0), ("epochs_max", 0), ("opt", "adamw"),
                                          ("freeze_to", -1), ("freeze_to", 1.0),
                                          ("lr_factor", 0.5), ("hard_mining", 1.5), ("lr_find_iters", 5)])
@@ -296,12 +309,17 @@ def test_lr_schedule_plot_concatenates_steps(tmp_path):
 def test_history_csv_and_report(tmp_path):
     hist = [{"step": "head_sgdr", "epoch": 1, "step_epoch": 1, "train_loss": 1.5, "valid_loss": 1.25,
              "accuracy": 0.5, "lr": 1e-3, "seconds": 2.0},
-            {"step": "full_sgdr", "epoch": 2, "step_epoch": 1, "train_loss": 0.9, "valid_loss": 0.75,
+            {"step": "full_sgdr", "epoch": 2, "step_epoch": 1, "train_loss": 1.1, "valid_loss": None,
+             "accuracy": None, "lr": [1e-4, 1e-3], "seconds": 3.0},  # mid-cycle: not validated
+            {"step": "full_sgdr", "epoch": 3, "step_epoch": 2, "train_loss": 0.9, "valid_loss": 0.75,
              "accuracy": 0.875, "lr": [1e-4, 1e-3], "seconds": 3.0}]
     report.write_history_csv(hist, tmp_path / "history.csv")
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
-    assert [r["step"] for r in rows] == ["head_sgdr", "full_sgdr"] and rows[1]["accuracy"] == "0.875"
-    report.plot_losses(hist, tmp_path / "losses.png")
+    assert [r["step"] for r in rows] == ["head_sgdr", "full_sgdr", "full_sgdr"] and rows[2]["accuracy"] == "0.875"
+    assert rows[1]["valid_loss"] == rows[1]["accuracy"] == ""
+    fig = report.plot_losses(hist, tmp_path / "losses.png")
+    valid_line = next(ln for ln in fig.axes[0].lines if ln.get_label() == "valid loss")
+    assert list(valid_line.get_xdata()) == [1, 3]  # the two validated epochs, joined across the gap
     metrics = {"steps": [{"index": 4, "name": "head_sgdr", "title": "train the head", "lr": 1e-3, "epochs": 1,
                           "seconds": 2.0, "valid_loss": 1.25, "accuracy": 0.5, "note": "n"}],
                "final": {"accuracy": 0.875, "accuracy_tta": 0.9, "valid_loss": 0.75, "n_valid": 8,
