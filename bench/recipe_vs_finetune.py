@@ -67,10 +67,11 @@ def timed_epochs(data: Path, cfg, seed: int) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         learn.fit_one_cycle(1, slice(2e-5, 1e-3))
         t_unfrozen = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_tta = 0.0
         if cfg.tta:
+            t0 = time.perf_counter()
             learn.tta(n=TTA_N)
-        t_tta = time.perf_counter() - t0 if cfg.tta else 0.0
+            t_tta = time.perf_counter() - t0
     return t_frozen, t_unfrozen, t_tta
 
 
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     import torch
+    from fastai.metrics import accuracy
 
     from fastlesson.recipe import TTA_N, RecipeConfig, run_recipe
 
@@ -124,8 +126,7 @@ def main(argv=None) -> int:
     ft_loss, ft_acc = (float(v) for v in learn.validate())
     ft_tta = None
     if cfg.tta:
-        preds, targs = learn.tta(n=TTA_N)
-        ft_tta = float((preds.argmax(1) == targs).float().mean())
+        ft_tta = float(accuracy(*learn.tta(n=TTA_N)))
     t_ft = time.perf_counter() - t0
 
     rows = [("fastlesson recipe (8 steps)", res.accuracy, res.accuracy_tta, t_recipe, f"{recipe_epochs}"),
