@@ -42,19 +42,31 @@ from fastlesson.models import (
     build_model,
     create_learner,
     model_stats,
+    native_size,
     splitter,
 )
 from fastlesson.export import (
+    TTA,
+    BadModelFileError,
+    OnnxPredictor,
     Prediction,
     Predictor,
+    TorchPredictor,
     export_bundle,
     export_learner,
+    export_onnx,
     image_files,
+    learner_tta,
     load_model,
     load_rgb,
     predict_files,
+    save_examples,
 )
-from fastlesson.recipe import RecipeConfig, RecipeResult, fit_until_overfit, run_recipe
+from fastlesson.app import build_app, export_space
+from fastlesson.recipe import RecipeConfig, RecipeResult, RecipeState, resume_recipe, run_recipe
+from fastlesson.schedule import OverfitProgress, ValidateAtFitEnd, fit_until_overfit
+from fastlesson.finder import rise_lr
+from fastlesson.budget import BudgetPlan, plan_budget
 from fastlesson.report import (
     confusion_matrix,
     most_confused,
@@ -68,6 +80,7 @@ from fastlesson.report import (
 # what the other seed projects did: callbacks, small CNN, sweeps
 from fastlesson.callbacks import (
     BestCheckpoint,
+    BestWeights,
     EarlyStopping,
     HardExampleMining,
     NonFiniteGuard,
@@ -114,14 +127,17 @@ __all__ = [
     "precompute_learner",
     # data, backbones, recipe, report, export
     "SOURCES", "DataResult", "flower_names", "image_problem", "load_data", "sample_path",
-    "OFFLINE_ARCHS", "WeightsUnavailableError", "build_model", "create_learner", "model_stats", "splitter",
+    "OFFLINE_ARCHS", "WeightsUnavailableError", "build_model", "create_learner", "model_stats", "native_size",
+    "splitter",
     "Prediction", "Predictor", "export_bundle", "export_learner", "image_files", "load_model", "load_rgb",
-    "predict_files",
-    "RecipeConfig", "RecipeResult", "fit_until_overfit", "run_recipe",
+    "predict_files", "TTA", "BadModelFileError", "OnnxPredictor", "TorchPredictor", "export_onnx", "learner_tta",
+    "save_examples", "build_app", "export_space",
+    "RecipeConfig", "RecipeResult", "RecipeState", "fit_until_overfit", "resume_recipe", "run_recipe",
+    "OverfitProgress", "ValidateAtFitEnd", "rise_lr", "BudgetPlan", "plan_budget",
     "confusion_matrix", "most_confused", "plot_confusion", "plot_losses", "plot_lr_schedule",
     "plot_top_losses", "write_report",
     # callbacks, small CNN, sweeps
-    "BestCheckpoint", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR",
+    "BestCheckpoint", "BestWeights", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR",
     "small_cnn", "small_cnn_splitter",
     "GRID_KEYS", "SweepResult", "expand_grid", "normalize_grid", "run_sweep", "sweep_table",
     # scraping

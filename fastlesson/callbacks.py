@@ -24,7 +24,7 @@ from fastai.callback.tracker import TrackerCallback
 
 from fastlesson._io import atomic_write
 
-__all__ = ["HardExampleMining", "PlateauLR", "EarlyStopping", "BestCheckpoint", "NonFiniteGuard"]
+__all__ = ["HardExampleMining", "PlateauLR", "BestWeights", "EarlyStopping", "BestCheckpoint", "NonFiniteGuard"]
 
 
 def _supports_reduction(loss_func) -> bool:
@@ -183,11 +183,57 @@ def _all_finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+class BestWeights(Callback):
+    """The one best-weights mechanism: an in-memory (CPU) copy of the weights at the lowest loss seen.
+
+    `offer(loss, model, epoch)` keeps a copy when `loss` is finite and beats `best` (the copy never
+    doubles GPU memory); `restore(model)` loads it back. Shared by `EarlyStopping` and the recipe's
+    `fit_until_overfit`. As a callback (after fastai's Recorder) it offers each validated epoch's
+    validation loss, across several fits: `losses` lists them (NaN for a non-finite one), `best_epoch`
+    is 1-based over those fits (`offset` = epochs before the current fit; 0 = the starting weights,
+    when `model` and `best` give them as a candidate). Epochs not validated (`ValidateAtFitEnd`) are
+    not candidates.
+    """
+
+    order = 52  # after Recorder (50) and the recipe's run log (51)
+
+    def __init__(self, model=None, best: float = math.inf):
+        self.best = float(best)
+        self.state = _state_copy(model) if model is not None else None
+        self.losses: list[float] = []
+        self.offset, self.best_epoch = 0, 0
+
+    def offer(self, loss: float, model, epoch) -> bool:
+        """Keep a copy of `model` if `loss` is a new best; True when it was."""
+        if not (math.isfinite(loss) and loss < self.best):
+            return False
+        self.best, self.state, self.best_epoch = float(loss), _state_copy(model), epoch
+        return True
+
+    def keep(self, model, epoch) -> None:
+        """Keep a copy of `model` unconditionally (the caller has decided it is the best)."""
+        self.state, self.best_epoch = _state_copy(model), epoch
+
+    def restore(self, model) -> bool:
+        """Load the kept weights into `model` (in place); False when nothing was kept."""
+        if self.state is None:
+            return False
+        model.load_state_dict(self.state)
+        return True
+
+    def after_epoch(self):
+        if getattr(self.recorder, "cancel_valid", False):
+            return  # not validated (ValidateAtFitEnd): not a candidate
+        loss = float(self.recorder.values[-1][1]) if self.recorder.values else math.nan
+        self.losses.append(loss if math.isfinite(loss) else math.nan)
+        self.offer(loss, self.model, self.offset + self.epoch + 1)
+
+
 class EarlyStopping(TrackerCallback):
     """Stop when `monitor` has not improved for `patience` epochs; optionally restore the best weights.
 
     With `restore_best_weights`, an in-memory (CPU) copy of the state_dict is kept at each new best
-    epoch and loaded back at the end of fit, also when training stops early. fastai's
+    epoch (`BestWeights`) and loaded back at the end of fit, also when training stops early. fastai's
     `EarlyStoppingCallback` leaves the last epoch's weights. `best_epoch` and `stopped_epoch` record
     what happened (None when it did not).
     """
@@ -200,21 +246,26 @@ class EarlyStopping(TrackerCallback):
             raise ValueError(f"patience={patience!r}: must be >= 1 epoch")
         super().__init__(monitor=monitor, comp=comp, min_delta=min_delta, reset_on_fit=reset_on_fit)
         self.patience, self.restore_best_weights = patience, restore_best_weights
-        self.best_state, self.best_epoch, self.stopped_epoch = None, None, None
+        self.kept, self.best_epoch, self.stopped_epoch = BestWeights(), None, None
+
+    @property
+    def best_state(self) -> dict | None:
+        """The kept copy of the best weights (None before any)."""
+        return self.kept.state
 
     def before_fit(self):
         _check_monitor(self)  # before fastai's bare assert
         super().before_fit()
         self.wait, self.stopped_epoch = 0, None
         if self.reset_on_fit:
-            self.best_state, self.best_epoch = None, None
+            self.kept, self.best_epoch = BestWeights(), None
 
     def after_epoch(self):
         super().after_epoch()
         if self.new_best:
             self.wait, self.best_epoch = 0, self.epoch
             if self.restore_best_weights:
-                self.best_state = _state_copy(self.learn.model)
+                self.kept.keep(self.learn.model, self.epoch)  # TrackerCallback's comp/min_delta decided
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -223,8 +274,8 @@ class EarlyStopping(TrackerCallback):
             raise CancelFitException()
 
     def after_fit(self):
-        if self.restore_best_weights and self.best_state is not None:
-            self.learn.model.load_state_dict(self.best_state)
+        if self.restore_best_weights:
+            self.kept.restore(self.learn.model)
         super().after_fit()
 
 

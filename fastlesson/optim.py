@@ -12,10 +12,13 @@ from collections import defaultdict
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from fastai.optimizer import SGD, Adam, OptimWrapper, RAdam, ranger
+from fastai.optimizer import Lookahead as FastaiLookahead
+from fastcore.foundation import L
 
-__all__ = ["Lookahead", "lookahead", "opt_func", "OPTIMIZERS"]
+__all__ = ["Lookahead", "lookahead", "opt_func", "OPTIMIZERS", "opt_state_dict", "load_opt_state_dict"]
 
 
 def _check_k_alpha(k: int, alpha: float) -> None:
@@ -137,3 +140,39 @@ def opt_func(name: str):
     if key not in _OPT_FUNCS:
         raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
     return _OPT_FUNCS[key]
+
+
+# ----------------------------------------------------------------------------- state that loads safely
+
+def _plain(obj):
+    """`obj` with fastcore L -> list and numpy scalars/arrays -> Python numbers/tensors, recursively, so
+    that ``torch.load(..., weights_only=True)`` accepts it (schedules leave numpy floats in the hypers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, L)):
+        items = [_plain(v) for v in obj]
+        return tuple(items) if isinstance(obj, tuple) else items
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    return obj
+
+
+def opt_state_dict(opt) -> dict:
+    """``opt.state_dict()`` of any optimizer ``OPTIMIZERS`` offers (fastai ``Optimizer``, fastai
+    ``Lookahead``/ranger, ``OptimWrapper`` around torch or our ``Lookahead``), as plain tensors, numbers
+    and lists: it round-trips through ``torch.save`` / ``torch.load(weights_only=True)``."""
+    return _plain(opt.state_dict())
+
+
+def load_opt_state_dict(opt, state: dict) -> None:
+    """Load a state from ``opt_state_dict`` (after ``torch.load(weights_only=True)``) into ``opt``."""
+    state = dict(state)
+    if isinstance(opt, FastaiLookahead) and state.get("slow_weights") is not None:
+        state["slow_weights"] = L(L(pg) for pg in state["slow_weights"])  # fastai zips these groups
+    if "hypers" in state:
+        state["hypers"] = L(state["hypers"])
+    opt.load_state_dict(state)

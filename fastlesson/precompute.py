@@ -27,6 +27,14 @@ from torch.utils.data import TensorDataset
 
 from fastlesson._io import atomic_write
 from fastlesson._rng import preserved_rng
+from fastlesson.distributed import (
+    all_gather_object,
+    gather_shards,
+    in_distrib_ctx,
+    is_main_process,
+    shard_dl,
+    trainer_cbs,
+)
 
 __all__ = ["PrecomputeResult", "CachedFeatures", "precompute_head", "precompute_learner", "cache_key",
            "clear_memory_cache"]
@@ -140,16 +148,19 @@ def _as_plain(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _run_body(body: nn.Module, dl, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_body(body: nn.Module, dl, device, shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Body outputs and targets in dataset order; `shard`: each process runs its part, then all gather."""
+    n = len(dl.dataset)
     xs, ys = [], []
-    for b in dl:
+    for b in shard_dl(dl) if shard else dl:
         if len(b) != 2:
             raise ValueError(f"precompute_head supports one input and one target per batch, got {len(b)} tensors.")
         xs.append(_as_plain(body(b[0].to(device))).cpu())
         ys.append(_as_plain(b[1]).cpu())
     if not xs:
         raise ValueError("precompute_head got an empty data set; check learn.dls.train_ds and learn.dls.valid_ds.")
-    return torch.cat(xs), torch.cat(ys)
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (gather_shards(x, n, dl.bs), gather_shards(y, n, dl.bs)) if shard else (x, y)
 
 
 def _save(path: Path, feats: CachedFeatures, key: str) -> None:
@@ -188,21 +199,23 @@ def _features(learn, bs, cache_dir, device) -> tuple[CachedFeatures, str, bool, 
                          "set safely; use fastai Datasets / a TensorDataset, or pass cache_dir=None.")
     path = Path(cache_dir) / f"precompute-{key}.safetensors" if cache_dir is not None else None
     if key is not None and key in _MEMORY:
-        if path is not None and not path.exists():
+        if path is not None and not path.exists() and is_main_process():
             _save(path, _MEMORY[key], key)
         return _MEMORY[key], key, True, path
-    if path is not None and path.exists():
+    shard = in_distrib_ctx(learn)  # data-parallel: the body pass is split across the processes
+    # data-parallel, every process must take the same branch: load only where all of them see the file
+    if path is not None and all(all_gather_object(path.exists()) if shard else [path.exists()]):
         feats, hit = _load(path, key), True
     else:
         was_training = body.training
         body.eval()  # BatchNorm running stats, no dropout: the frozen body as it will predict
         try:
-            tx, ty = _run_body(body, train_dl, device)
-            vx, vy = _run_body(body, valid_dl, device)
+            tx, ty = _run_body(body, train_dl, device, shard)
+            vx, vy = _run_body(body, valid_dl, device, shard)
         finally:
             body.train(was_training)
         feats, hit = CachedFeatures(tx, ty, vx, vy), False
-        if path is not None:
+        if path is not None and is_main_process():  # one writer; the others hold the same tensors
             _save(path, feats, key)
     _MEMORY.clear()
     if key is not None:
@@ -251,7 +264,7 @@ def precompute_learner(learn: Learner, cache_dir=None, bs: int | None = None) ->
                                  drop_last=(len(train_ds) > bs, False))
     head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, metrics=learn.metrics,
                          lr=learn.lr, wd=learn.wd, wd_bn_bias=learn.wd_bn_bias, train_bn=learn.train_bn,
-                         moms=learn.moms, path=learn.path, model_dir=learn.model_dir)
+                         moms=learn.moms, path=learn.path, model_dir=learn.model_dir, cbs=trainer_cbs(learn))
     head_learn.precompute, head_learn.features = info, feats
     return head_learn
 

@@ -1,11 +1,16 @@
 """The fast.ai lesson-2 recipe, end to end: `run_recipe(RecipeConfig(...)) -> RecipeResult`.
 
-The eight steps (DESIGN.md), each printed with a header and a one-line result:
+The eight steps (DESIGN.md) are public functions of one `RecipeState` (`step_data` ... `step_full_sgdr`,
+then `step_evaluate` and `step_report`), each printing a header and a one-line result and returning
+that step's numbers; `run_recipe` is the loop over `STEPS`, and notebook 05 calls the same functions:
  1. data with augmentation and a pretrained backbone        5. unfreeze (all but the early body)
  2. LR range test (frozen body)                             6. discriminative LRs (10x per group)
  3. train the head on precomputed activations               7. LR range test again (unfrozen)
  4. train the head with augmentation (SGDR, cycle_len=1)    8. full network, SGDR cycle_mult=2, until
                                                                validation loss stops improving
+After each step and each SGDR cycle of step 8 the run folder holds a checkpoint (fastlesson.checkpoint):
+`resume_recipe(out)` continues an interrupted run exactly. `budget` (minutes) plans the epochs so the
+whole run fits (fastlesson.budget).
 Outputs go to `cfg.out`: config.json, metrics.json, history.csv, PNG plots, report.md, the safe bundle
 (model.safetensors + model.json) and fastai's export.pkl.
 """
@@ -16,6 +21,7 @@ import dataclasses
 import math
 import pickle
 import re
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,26 +30,32 @@ from pathlib import Path
 import fastai.callback.channelslast  # noqa: F401  (adds Learner.to_channelslast and to_contiguous)
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelValidException
+from fastai.callback.core import Callback
 from fastai.callback.training import BnFreeze, bn_types
 from fastai.torch_core import set_seed
 
+from fastlesson import budget as budgets
+from fastlesson import checkpoint as ckpt
+from fastlesson import distributed as ddp
 from fastlesson import report
 from fastlesson._io import save_png
+from fastlesson.callbacks import BestWeights
 from fastlesson.data import load_data
 from fastlesson.export import export_bundle, export_learner, write_json
-from fastlesson.finder import find_lr
+from fastlesson.finder import RISE_TOL, find_lr, rise_lr  # noqa: F401  (RISE_TOL, rise_lr: re-exported)
 from fastlesson.models import create_learner
 from fastlesson.optim import OPTIMIZERS, opt_func
 from fastlesson.precompute import precompute_head, precompute_learner
-from fastlesson.schedule import (
+from fastlesson.schedule import (  # noqa: F401  (ValidateAtFitEnd, fit_until_overfit: re-exported)
+    OverfitProgress,
+    ValidateAtFitEnd,
     fit_one_cycle,
     fit_sgdr,
+    fit_until_overfit,
     freeze,
     freeze_to,
     lr_groups,
     n_groups,
-    sgdr_cycle_lengths,
 )
 
 N_STEPS = 8
@@ -51,8 +63,8 @@ TTA_N = 4  # augmented passes averaged by fastai's tta (its default), plus one p
 SMOKE = {"size": 32, "bs": 8, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
          "lr_find_iters": 32, "top_losses": 4}  # seconds-long run that still makes every output
 FULL_LR_FLOOR = 10  # step 7's LR is kept within [head LR / 10, head LR]
-RISE_TOL = 0.25  # step 7: the loss "starts to rise" where its smoothed curve goes, and stays, 25% above its minimum
 MIN_LR_FIND_ITERS = 24  # find_lr needs 16 points after dropping the first 10% and the last 5
+LOG_KINDS = ("csv", "tensorboard", "wandb")  # fastlesson.loggers.LOGGERS
 
 
 @dataclass
@@ -73,27 +85,30 @@ class RecipeConfig:
     smoke: bool = False  # tiny, seconds-long run with every step and output (for tests)
     # epochs of step 3. The lesson says 1-2, but on the cache an epoch costs a few percent of a real one;
     # on flowers102-small (lite0, 160 px, the step-2 LR) 2 epochs reach 73% and 8 reach 85% validation
-    precompute_epochs: int = 8
+    precompute_epochs: int = 8  # epochs of step 3 (one-cycle on the cached activations)
     head_cycles: int = 2  # SGDR cycles of 1 epoch in step 4 (the lesson: 2-3)
     lr_factor: float = 10.0  # each earlier layer group trains this many times slower (the lesson: 3-10)
     # step 5 unfreezes layer groups from this one on (fastai's freeze_to): 0 = all layers; 1 keeps the
     # early body (stem and first stages) frozen. On flowers102-small (lite0, 160 px) three unfrozen epochs
     # from one start: 1 -> 86.3% at 110 s an epoch, 0 -> 84.0% at 160 s (its backward pass is the costly one)
-    freeze_to: int = 1
+    freeze_to: int = 1  # step 5 unfreezes layer groups from this one on (0 = every layer)
     # keep the body's BatchNorm layers in eval mode with their ImageNet statistics and weights while the
     # body trains (fastai v0.7's bn_freeze(True)); trained BatchNorm follows the augmented batches of a
     # small data set away from the statistics the head learned on (flowers102-small: 82.3% -> 65.5% in the
     # first unfrozen epoch, 80.8% frozen). Applies to pretrained backbones only.
-    bn_freeze: bool = True
+    bn_freeze: bool = True  # body BatchNorm stays in eval mode with ImageNet statistics in steps 7-8
     # step 8 validates at the end of each SGDR cycle only: the overfitting check and the best-weights
     # restore compare cycle ends, and a mid-cycle pass is a display that costs ~20% of a CPU epoch
     # (flowers102-small: 22 s of 110). True: every epoch, as fastai prints it
-    valid_every_epoch: bool = False
+    valid_every_epoch: bool = False  # step 8 validates every epoch (default: at SGDR cycle ends only)
     lr_find_iters: int = 100  # batches per LR range test
     tta: bool = True  # also report accuracy with fastai's test-time augmentation
     valid_pct: float = 0.2  # fraction held out when the data has no validation folder
     num_workers: int = 0  # DataLoader worker processes (0 = in-process, safest on small machines)
     top_losses: int = 9  # images in the top-losses plot
+    budget: float | None = None  # minutes for the whole run, export included; None = no time limit
+    keep_checkpoints: bool = False  # keep RUN/checkpoint/ after the run completes (default: removed)
+    log: str | None = None  # also log epochs with fastai's logger: csv | tensorboard | wandb
 
     def validate(self) -> RecipeConfig:
         """ValueError naming the first bad field and what to use instead."""
@@ -117,6 +132,11 @@ class RecipeConfig:
             ("hard_mining", self.hard_mining, self.hard_mining is None or 0 < self.hard_mining <= 1,
              "a fraction in (0, 1], e.g. 0.25, or None"),
             ("opt", self.opt, str(self.opt).lower() in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("budget", self.budget, self.budget is None or (isinstance(self.budget, (int, float))
+                                                           and not isinstance(self.budget, bool)
+                                                           and math.isfinite(self.budget) and self.budget > 0),
+             "a number of minutes > 0, e.g. 12, or None"),
+            ("log", self.log, self.log is None or self.log in LOG_KINDS, f"one of {', '.join(LOG_KINDS)} or None"),
         ]
         for name, value, ok, fix in checks:
             if not ok:
@@ -186,86 +206,50 @@ class _RunLog(Callback):
                           "seconds": round(time.perf_counter() - self._t0, 3)})
 
 
-class ValidateAtFitEnd(Callback):
-    """Skip validation on every epoch but a fit's last (fastai's CancelValidException; the epoch's row
-    then has its training loss only). One SGDR cycle per fit: validation at the cycle ends only, where
-    the LR has annealed; mid-cycle weights at a high LR are not kept anyway."""
+class _Clock(Callback):
+    """Wall-clock of training passes, single training batches and validation passes (for the budget)."""
 
-    order = 61  # after fastai's ProgressCallback (60) has opened the validation bar that after_validate closes
+    order = 49  # before the Recorder: no effect on anything it records
+    run_valid = True
+
+    def __init__(self):
+        self.batches, self.train_passes, self.valid_passes = [], [], []
+
+    def before_train(self):
+        self._t_train = time.perf_counter()
+
+    def after_train(self):
+        self.train_passes.append(time.perf_counter() - self._t_train)
+
+    def before_batch(self):
+        self._t_batch = time.perf_counter()
+
+    def after_batch(self):
+        if self.training:
+            self.batches.append(time.perf_counter() - self._t_batch)
 
     def before_validate(self):
-        if self.epoch < self.n_epoch - 1:
-            raise CancelValidException
+        self._t_valid, self._cancelled = time.perf_counter(), False
+
+    def after_cancel_validate(self):
+        self._cancelled = True
+
+    def after_validate(self):
+        if not getattr(self, "_cancelled", True):
+            self.valid_passes.append(time.perf_counter() - self._t_valid)
 
 
-class _BestWeights(Callback):
-    """In-memory copy of the weights at the lowest validation loss seen (across several fits)."""
-
-    order = 52
-
-    def __init__(self, model, valid_loss: float):
-        self.best, self.state, self.losses = valid_loss, _state_copy(model), []
-        self.offset, self.best_epoch = 0, 0  # epochs before this fit; best epoch (1-based, 0 = start)
-
-    def after_epoch(self):
-        if getattr(self.recorder, "cancel_valid", False):
-            return  # not validated (ValidateAtFitEnd): not a candidate
-        loss = float(self.recorder.values[-1][1]) if self.recorder.values else math.nan
-        self.losses.append(loss if math.isfinite(loss) else math.nan)
-        if math.isfinite(loss) and loss < self.best:
-            self.best, self.state = loss, _state_copy(self.model)
-            self.best_epoch = self.offset + self.epoch + 1
-
-
-def fit_until_overfit(learn, lr_max, epochs_max: int, cycle_len: int = 1, cycle_mult: int = 2, cbs=None,
-                      baseline: float | None = None, valid_every_epoch: bool = True) -> dict:
-    """SGDR cycles of cycle_len, cycle_len*cycle_mult, ... epochs while validation loss improves.
-
-    The first cycle always runs; each later one runs only if the cycle before it lowered the best
-    validation loss of this fit (when it did not, the model has started to overfit), and never past
-    `epochs_max`. Then the best weights seen are loaded from an in-memory copy; the starting weights
-    (validation loss `baseline`, measured when None) are a candidate too, so a fine-tune that never
-    helps leaves the model as it was. `valid_every_epoch=False` validates only at the end of each cycle
-    (the SGDR snapshots; then only those are candidates), saving a validation pass per mid-cycle epoch.
-    Returns {cycles, epochs, best_valid_loss, best_epoch, reason}.
-    """
-    if isinstance(epochs_max, bool) or not isinstance(epochs_max, int) or epochs_max < 1:
-        raise ValueError(f"epochs_max={epochs_max!r} must be an integer >= 1")
-    if baseline is None:
-        baseline = float(learn.validate()[0])
-    best = _BestWeights(learn.model, baseline)
-    epochs = cycles = 0
-    prev = math.inf  # best validation loss of the earlier cycles of this fit
-    while True:
-        length = sgdr_cycle_lengths(cycles + 1, cycle_len, cycle_mult)[-1]
-        if epochs + length > epochs_max:
-            reason = f"the next cycle ({length} epochs) would pass epochs_max={epochs_max}"
-            break
-        print(f"  cycle {cycles + 1}: {length} epoch(s)", flush=True)
-        best.offset, n_seen = epochs, len(best.losses)
-        fit_sgdr(learn, n_cycles=1, cycle_len=length, cycle_mult=cycle_mult, lr_max=lr_max,
-                 cbs=[best, *(cbs or []), *([] if valid_every_epoch else [ValidateAtFitEnd()])])
-        epochs, cycles = epochs + length, cycles + 1
-        cur = min(best.losses[n_seen:], default=math.nan)
-        if not cur < prev:  # also stops on a non-finite loss
-            reason = (f"validation loss did not improve in cycle {cycles} "
-                      f"({cur:.4f} vs {prev:.4f}): it starts to overfit")
-            break
-        prev = cur
-    learn.model.load_state_dict(best.state)
-    return {"cycles": cycles, "epochs": epochs, "best_valid_loss": _num(best.best),
-            "best_epoch": best.best_epoch, "reason": reason}
-
-
-def _state_copy(model) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def _median_batch(clock: _Clock) -> float:
+    """Median training-batch time, the first batches (warm-up, allocation) left out when there are many."""
+    b = clock.batches[3:] if len(clock.batches) > 8 else clock.batches
+    return float(statistics.median(b)) if b else 0.0
 
 
 class _Steps:
     """Prints step headers and one-line results; collects per-step metrics and LR segments."""
 
     def __init__(self, log: _RunLog):
-        self.log, self.steps, self.segments = log, [], []
+        self.log, self.steps, self.segments, self.cur = log, [], [], None
 
     def start(self, i: int, title: str, name: str, record: bool = True):
         """Print the header; `record=False` for LR range tests (their sweep is not training)."""
@@ -288,8 +272,24 @@ class _Steps:
             self.segments.append((step["name"], seg))
         self.log.step = None
         self.steps.append(step)
+        self.cur = None
         print(f"  -> {summary} ({step['seconds']:.1f} s)", flush=True)
         return step
+
+    def numbers(self) -> dict:
+        """Everything above as JSON-able numbers (for a checkpoint)."""
+        cur = None if self.cur is None else {"step": self.cur, "n_rows": self._n_rows, "n_lrs": self._n_lrs,
+                                             "seconds": time.perf_counter() - self._t0}
+        return {"steps": self.steps, "segments": [[n, s.tolist()] for n, s in self.segments], "cur": cur}
+
+    def restore(self, d: dict) -> None:
+        self.steps = d["steps"]
+        self.segments = [(n, np.asarray(s, dtype=float)) for n, s in d["segments"]]
+        cur = d.get("cur")
+        if cur is not None:  # resumed inside step 8: its header was printed by the first process
+            self.cur, self._n_rows, self._n_lrs = cur["step"], cur["n_rows"], cur["n_lrs"]
+            self._t0 = time.perf_counter() - cur["seconds"]
+            self.log.step = self.cur["name"]
 
 
 def _acc_text(step: dict) -> str:
@@ -297,17 +297,360 @@ def _acc_text(step: dict) -> str:
     return "" if acc is None else f", valid loss {vl:.3f}, accuracy {100 * acc:.1f}%"
 
 
-def rise_lr(res, tol: float = RISE_TOL) -> float:
-    """LR where a range test's loss "starts to rise": from there on the smoothed loss stays above its
-    minimum by more than `tol` (relative). The minimum is taken inside find_lr's window (its first 10%
-    of points are noisy); a bump that comes back down is not the rise. The last LR tested if none."""
-    sm, lrs = np.asarray(res.smoothed, dtype=float), np.asarray(res.lrs, dtype=float)
-    lo = (getattr(res, "window", None) or (0, len(sm)))[0]
-    i = lo + int(np.argmin(sm[lo:]))
-    not_above = np.flatnonzero(sm[i:] <= sm[i] + tol * abs(sm[i]))  # holds at i itself
-    j = i + int(not_above[-1]) + 1  # the first point of the final run above the threshold
-    return float(lrs[j] if j < len(lrs) else lrs[-1])
+@dataclass
+class RecipeState:
+    """What the steps share: the learner, the effective config, the output folder, and what earlier
+    steps chose (LRs, epochs, timings, the head learner on cached activations, the run log).
+    Make one with `start_recipe(cfg)`; each `step_*` function reads and extends it."""
 
+    cfg: RecipeConfig
+    out: Path
+    log: _RunLog = field(default_factory=_RunLog)
+    clock: _Clock = field(default_factory=_Clock)
+    steps: _Steps = None
+    learn: object = field(default=None, repr=False)
+    data: object = field(default=None, repr=False)
+    head_learn: object = field(default=None, repr=False)  # step 2-3: the head on cached activations
+    lr_head: float | None = None  # step 2's LR for the head (steps 3-4)
+    ratios: list[float] | None = None  # step 6: per-group LR ratios, early body -> head
+    lrs_full: list[float] | None = None  # step 7: the per-group LRs of step 8
+    lrf: dict = field(default_factory=dict)  # the two LR range tests
+    skipped: list = field(default_factory=list)  # unreadable images step 1 skipped, with reasons
+    fingerprint: dict | None = None  # the data trained on (checked on resume)
+    precompute_epochs: int = 0  # planned epochs of step 3 (cfg's, or the budget's)
+    head_cycles: int = 0  # planned cycles of step 4
+    full_cycles: list[int] | None = None  # step 8's cycle lengths from the budget (None: until epochs_max)
+    budget: dict = field(default_factory=dict)  # the plans and their inputs
+    times: dict = field(default_factory=dict)  # measured seconds the budget plans from
+    done: list[str] = field(default_factory=list)  # names of the completed steps
+    progress: OverfitProgress | None = None  # step 8 in progress: cycles done
+    best: BestWeights | None = field(default=None, repr=False)  # step 8 in progress: best weights so far
+    stop: dict | None = None  # step 8's result
+    resumed: list[dict] = field(default_factory=list)  # each resume: when, from where
+    spent_before: float = 0.0  # seconds of earlier processes of this run (resume)
+    t0: float = field(default_factory=time.perf_counter)
+    checkpoints: bool = False  # write RUN/checkpoint/ after each step and cycle (run_recipe does)
+    loggers: list = field(default_factory=list, repr=False)
+    final: dict | None = None
+    plots: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.steps is None:
+            self.steps = _Steps(self.log)
+        self.precompute_epochs = self.precompute_epochs or self.cfg.precompute_epochs
+        self.head_cycles = self.head_cycles or self.cfg.head_cycles
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, earlier processes (before a resume) included."""
+        return self.spent_before + time.perf_counter() - self.t0
+
+    @property
+    def mining(self) -> list:
+        return _hard_mining_cbs(self.cfg)
+
+    @property
+    def bn_held(self) -> list:
+        """Body BatchNorm parameters held from training in steps 7-8 (bn_freeze)."""
+        return _body_bn_params(self.learn) if self.cfg.bn_freeze else []
+
+    @property
+    def bn_cbs(self) -> list:
+        return [BnFreeze()] if self.cfg.bn_freeze else []
+
+
+def start_recipe(cfg: RecipeConfig | None = None) -> RecipeState:
+    """The effective config, seeds set, the run's header printed: the state step 1 starts from."""
+    n_proc = ddp.init_distributed()  # under torchrun / accelerate launch: data-parallel (distributed.py)
+    cfg = (cfg or RecipeConfig()).effective()
+    cfg.out = ddp.broadcast_object(cfg.out)  # one run folder: rank 0's (its timestamp)
+    set_seed(cfg.seed)
+    state = RecipeState(cfg=cfg, out=Path(cfg.out))
+    dp = (f"; {n_proc} processes data-parallel, global batch {cfg.bs * n_proc} (LR not scaled: the range "
+          f"tests run on the global batch)" if n_proc > 1 else "")
+    if ddp.is_main_process():
+        print(f"fastlesson recipe: data={cfg.data} arch={cfg.arch} size={cfg.size}px bs={cfg.bs} "
+              f"opt={cfg.opt} on {_device_text()}; outputs in {state.out}"
+              f"{f'; budget {cfg.budget:g} min' if cfg.budget else ''}{dp}")
+    return state
+
+
+# ----------------------------------------------------------------------------- the eight steps
+
+def step_data(state: RecipeState) -> dict:
+    """Step 1: data with augmentation and a pretrained backbone; makes the output folder."""
+    cfg, steps = state.cfg, state.steps
+    steps.start(1, "data with augmentation and a pretrained backbone", "data")
+    with ddp.main_process_first():  # a download (flowers, cifar) happens once, in rank 0
+        data = load_data(cfg.data, size=cfg.size, bs=cfg.bs, seed=cfg.seed, valid_pct=cfg.valid_pct,
+                         num_workers=cfg.num_workers)
+    dls = data.dls
+    learn = create_learner(dls, arch=cfg.arch, pretrained=cfg.pretrained, opt_func=opt_func(cfg.opt))
+    learn.add_cbs([state.log, state.clock])
+    # data-parallel from here on: every fit, find_lr, body pass and get_preds; no SyncBatchNorm: the body's
+    # BatchNorm is frozen (bn_freeze), and fastai's BnFreeze does not recognise SyncBatchNorm layers
+    ddp.to_distributed(learn, sync_bn=False)
+    ddp.seed_per_process(cfg.seed)  # each process its own augmentation draws (rank 0: cfg.seed's stream)
+    # channels-last tensors: mkldnn's convolutions on CPU run ~1.5x faster (lite0 at 160 px: a training
+    # batch of 32 in 2.5 s instead of 3.7 s); on GPU with fastai's mixed precision, as in to_fp16
+    learn.to_channelslast(use_amp=torch.cuda.is_available())
+    learn.model.to(memory_format=torch.channels_last)  # now, for step 2's body pass (the callback: at fit)
+    n_train, n_valid = len(dls.train_ds), len(dls.valid_ds)
+    freeze(learn, verbose=False)
+    if cfg.freeze_to > n_groups(learn) - 2:
+        raise ValueError(f"RecipeConfig.freeze_to={cfg.freeze_to} would leave only the head to train in step 8: "
+                         f"{cfg.arch} has {n_groups(learn)} layer groups, use 0..{n_groups(learn) - 2}")
+    state.data, state.learn = data, learn
+    state.skipped = [(str(p), str(r)) for p, r in (getattr(data, "skipped", None) or [])]
+    state.fingerprint = ckpt.data_fingerprint(dls)
+    skipped = state.skipped
+    st = steps.done(f"{len(dls.vocab)} classes, {n_train} train / {n_valid} valid images"
+                    f"{f', {len(skipped)} unreadable skipped' if skipped else ''}; {cfg.arch} "
+                    f"({'ImageNet weights' if cfg.pretrained else 'from scratch'}), {n_groups(learn)} layer groups",
+                    n_classes=len(dls.vocab), n_train=n_train, n_valid=n_valid, n_skipped=len(skipped))
+    # the output folder is made only once the data and model are known good: bad input leaves nothing
+    if ddp.is_main_process():  # data-parallel: rank 0 writes the run folder, the others write nothing
+        state.out.mkdir(parents=True, exist_ok=True)
+        write_json(state.out / "config.json", dataclasses.asdict(cfg))
+        _attach_loggers(state)
+    return st
+
+
+def _attach_loggers(state: RecipeState) -> None:
+    if state.cfg.log is None:
+        return
+    from fastlesson.loggers import logger_callbacks  # optional extras: only when asked for
+
+    state.loggers = logger_callbacks(state.cfg.log, state.out)
+    state.learn.add_cbs(state.loggers)
+
+
+def step_lr_find_head(state: RecipeState) -> dict:
+    """Step 2: LR range test on the frozen model (head only trains). With precompute, on the cached body
+    activations, as fastai v0.7's lr_find did with precompute=True: the body runs once, here, and the
+    sweep costs seconds instead of ~100 full forward/backward passes."""
+    cfg, steps, learn = state.cfg, state.steps, state.learn
+    if cfg.precompute:
+        steps.start(2, "LR range test on the head (body activations computed once and cached)",
+                    "lr_find_head", record=False)
+        # cache in memory only: on disk the activations can be hundreds of MB (flowers at 160 px: ~370 MB)
+        state.head_learn = precompute_learner(learn, cache_dir=None, bs=cfg.bs)
+        state.times["body_pass"] = state.head_learn.precompute.seconds
+        print(f"  body run once over {len(learn.dls.train_ds) + len(learn.dls.valid_ds)} images in "
+              f"{state.head_learn.precompute.seconds:.1f} s")
+    else:
+        steps.start(2, "LR range test with the body frozen", "lr_find_head", record=False)
+    clock = _Clock()
+    state.lrf["head"] = _lr_range_test(state.head_learn or learn, cfg, state.out / "lr_find_head.png",
+                                       fallback=learn.lr, cbs=[clock])
+    state.times["head_batch"] = _median_batch(clock)
+    state.lr_head = state.lrf["head"]["suggestion"]
+    st = steps.done(state.lrf["head"]["summary"], lrs=[], lr=state.lr_head)
+    if cfg.budget is not None:
+        _plan_head(state)
+    return st
+
+
+def step_precompute(state: RecipeState) -> dict:
+    """Step 3: the head on cached body activations (or, with precompute off, full forward passes)."""
+    cfg, steps, learn, lr = state.cfg, state.steps, state.learn, state.lr_head
+    n = state.precompute_epochs
+    if not cfg.precompute:
+        steps.start(3, "train the head (precompute off: full forward passes)", "precompute")
+        fit_one_cycle(learn, n, lr_max=lr)
+        st = steps.done(f"{n} epoch(s) one-cycle at lr {lr:.2e}, no precompute",
+                        lr=lr, note="precompute off: full forward passes with augmentation")
+        print(f"     {_acc_text(st)[2:]}")
+        return st
+    steps.start(3, "train the head on precomputed activations", "precompute")
+    head_log = _RunLog()  # the head trains in its own Learner: log it there, then merge
+    head_log.step = steps.log.step
+    res = precompute_head(learn, n, lr_max=lr, head_learn=state.head_learn, cbs=[head_log])
+    steps.log.merge(head_log, n_groups(learn))
+    st = steps.done(f"{res.epochs} epoch(s) one-cycle at lr {lr:.2e} on the activations cached in step 2 "
+                    f"(body pass {res.seconds_cache:.1f} s{', reused' if res.cache_hit else ''}), head "
+                    f"trained in {res.seconds_train:.1f} s", lr=lr, seconds_cache=round(res.seconds_cache, 2),
+                    seconds_train=round(res.seconds_train, 2), cache_hit=bool(res.cache_hit),
+                    train_loss=_num(res.train_loss), valid_loss=_num(res.valid_loss),
+                    accuracy=_num(res.accuracy),
+                    note=f"body run once in {res.seconds_cache:.1f} s, head trained in {res.seconds_train:.1f} s")
+    print(f"     {_acc_text(st)[2:]}")
+    state.head_learn = None  # the cached activations are not needed after this step: free them
+    return st
+
+
+def step_head_sgdr(state: RecipeState) -> dict:
+    """Step 4: the head with augmentation, SGDR cycle_len=1, the body (and its BatchNorm) frozen."""
+    steps, lr = state.steps, state.lr_head
+    steps.start(4, "train the head with augmentation (SGDR, cycle_len=1)", "head_sgdr")
+    n_train0, n_valid0 = len(state.clock.train_passes), len(state.clock.valid_passes)
+    _fit_head_frozen_body(state.learn, state.head_cycles, lr, state.mining)
+    st = steps.done(f"{state.head_cycles} cycle(s) of 1 epoch at lr {lr:.2e}, body BatchNorm frozen", lr=lr)
+    print(f"     {_acc_text(st)[2:]}")
+    state.times["head_epoch_train"] = float(np.mean(state.clock.train_passes[n_train0:]))
+    state.times["valid"] = float(np.mean(state.clock.valid_passes[n_valid0:]))
+    return st
+
+
+def step_unfreeze(state: RecipeState) -> dict:
+    """Step 5: unfreeze from group cfg.freeze_to on; with bn_freeze the body's BatchNorm stays as it was."""
+    cfg, steps, learn = state.cfg, state.steps, state.learn
+    title = ("unfreeze all layers" if cfg.freeze_to == 0 else
+             f"unfreeze layer groups {cfg.freeze_to} and up (the early body stays frozen)")
+    steps.start(5, title, "unfreeze")
+    n_train_groups = freeze_to(learn, cfg.freeze_to, verbose=False)  # 0: fastai's unfreeze
+    held_ids = {id(p) for p in state.bn_held}
+    n_params = sum(p.numel() for p in learn.model.parameters() if p.requires_grad and id(p) not in held_ids)
+    bn_note = "; body BatchNorm frozen (eval mode, ImageNet statistics)" if cfg.bn_freeze else ""
+    return steps.done(f"{n_train_groups} of {n_groups(learn)} layer groups trainable, {n_params / 1e6:.2f} M "
+                      f"parameters{bn_note}", lrs=[], trainable_groups=n_train_groups, bn_freeze=cfg.bn_freeze)
+
+
+def step_discriminative(state: RecipeState) -> dict:
+    """Step 6: discriminative LRs, each earlier layer group cfg.lr_factor times slower."""
+    cfg, steps = state.cfg, state.steps
+    steps.start(6, f"discriminative learning rates ({cfg.lr_factor:g}x lower per earlier group)",
+                "discriminative")
+    state.ratios = [float(r) for r in lr_groups(state.learn, 1.0, factor=cfg.lr_factor)]
+    frozen_note = f" (group{'s' if cfg.freeze_to > 1 else ''} below {cfg.freeze_to} frozen)" if cfg.freeze_to else ""
+    return steps.done("LR ratios by group (early body -> head): " + " : ".join(f"{r:.3g}" for r in state.ratios)
+                      + frozen_note, lrs=[], ratios=list(state.ratios))
+
+
+def step_lr_find_full(state: RecipeState) -> dict:
+    """Step 7: LR range test again, unfrozen, keeping the ratios; a tenth of where the loss starts to rise,
+    never above the head's LR (a higher LR on a trained head undoes steps 3-4) nor below a tenth of it
+    (a fine-tune at lower LRs barely moves)."""
+    cfg, steps, lr_head = state.cfg, state.steps, state.lr_head
+    steps.start(7, "LR range test again on the unfrozen model", "lr_find_full", record=False)
+    clock = _Clock()
+    with _held(state.bn_held):
+        state.lrf["full"] = _lr_range_test(state.learn, cfg, state.out / "lr_find_full.png",
+                                           fallback=lr_head / 10, rise=True, lr_ratios=list(state.ratios),
+                                           cbs=[*state.bn_cbs, clock])
+    state.times["full_batch"] = _median_batch(clock)
+    suggested = state.lrf["full"]["suggestion"]
+    lr_top = float(np.clip(suggested, lr_head / FULL_LR_FLOOR, lr_head))
+    state.lrs_full = [float(r * lr_top) for r in state.ratios]
+    capped, floored = lr_top < suggested, lr_top > suggested
+    clamp = (" (capped at the head LR)" if capped else
+             f" (raised to the head LR / {FULL_LR_FLOOR})" if floored else "")
+    return steps.done(state.lrf["full"]["summary"] + clamp + "; group LRs "
+                      + " / ".join(f"{v:.1e}" for v in state.lrs_full), lrs=[], lr=list(state.lrs_full),
+                      capped_at_head_lr=capped, floored_at_head_lr_div=floored,
+                      note=f"suggested {suggested:.1e}, using {lr_top:.1e}{clamp}" if clamp else "")
+
+
+def step_full_sgdr(state: RecipeState) -> dict:
+    """Step 8: the full network, SGDR cycle_mult=2, until validation loss stops improving; the best
+    weights (validated cycle ends, and the starting ones) are restored. Resumable after any cycle."""
+    cfg, steps, learn = state.cfg, state.steps, state.learn
+    if state.progress is None:  # a fresh start (not a resume inside this step)
+        steps.start(8, "train the full network (SGDR, cycle_mult=2) until it overfits", "full_sgdr")
+        base = next((r["valid_loss"] for r in reversed(state.log.rows) if r.get("valid_loss") is not None), None)
+        state.best = BestWeights(learn.model, float(learn.validate()[0]) if base is None else base)
+        state.progress = OverfitProgress()
+    if cfg.budget is not None:
+        _plan_full(state)
+    epochs_max = sum(state.full_cycles) if state.full_cycles else cfg.epochs_max
+    with _held(state.bn_held):
+        stop = fit_until_overfit(learn, state.lrs_full, epochs_max, cbs=[*state.bn_cbs, *state.mining],
+                                 valid_every_epoch=cfg.valid_every_epoch, best=state.best,
+                                 progress=state.progress, cycle_lengths=state.full_cycles,
+                                 after_cycle=lambda *_: _checkpoint(state, "full_sgdr"))
+    state.stop, state.progress, state.best = stop, None, None
+    bvl = stop["best_valid_loss"]
+    st = steps.done(f"{stop['cycles']} cycle(s), {stop['epochs']} epochs; stopped: {stop['reason']}; best valid "
+                    f"loss {'n/a' if bvl is None else f'{bvl:.3f}'} (epoch {stop['best_epoch']}) restored",
+                    lr=list(state.lrs_full), **stop, **_restored_numbers(state.log.rows, stop["best_epoch"]),
+                    note=f"{stop['cycles']} cycle(s); stopped: {stop['reason']}; numbers of the restored "
+                         f"best weights (epoch {stop['best_epoch']} of step 8)")
+    learn.remove_cbs([state.log, state.clock])
+    return st
+
+
+def _restored_numbers(rows: list[dict], best_epoch: int) -> dict:
+    """Step 8's row shows the restored best weights: the numbers of step 8's epoch `best_epoch`
+    (1-based; 0 = the weights step 8 started from, the last validated epoch before it), and the last
+    epoch's for the record."""
+    full = [r for r in rows if r["step"] == "full_sgdr"]
+    if best_epoch >= 1:
+        row = full[best_epoch - 1]
+    else:
+        row = next((r for r in reversed(rows) if r["step"] != "full_sgdr" and r.get("valid_loss") is not None),
+                   {})
+    last = full[-1] if full else {}
+    return {"train_loss": row.get("train_loss"), "valid_loss": row.get("valid_loss"),
+            "accuracy": row.get("accuracy"), "last_epoch_valid_loss": last.get("valid_loss"),
+            "last_epoch_accuracy": last.get("accuracy")}
+
+
+STEPS = [("data", step_data), ("lr_find_head", step_lr_find_head), ("precompute", step_precompute),
+         ("head_sgdr", step_head_sgdr), ("unfreeze", step_unfreeze), ("discriminative", step_discriminative),
+         ("lr_find_full", step_lr_find_full), ("full_sgdr", step_full_sgdr)]
+
+
+# ----------------------------------------------------------------------------- the time budget
+
+def _timings(state: RecipeState) -> budgets.Timings:
+    learn, cfg = state.learn, state.cfg
+    return budgets.estimate_timings(
+        {**state.times, "spent": state.elapsed(), "lr_find_full_done": "lr_find_full" in state.done},
+        n_train_batches=len(learn.dls.train), n_valid_batches=len(learn.dls.valid),
+        n_train=len(learn.dls.train_ds), n_valid=len(learn.dls.valid_ds), precompute=cfg.precompute,
+        lr_find_iters=cfg.lr_find_iters, tta_passes=(TTA_N + 1) if cfg.tta else 0)
+
+
+def _plan_head(state: RecipeState) -> None:
+    """After step 2, before any training: epochs of steps 3-4 and a first plan of step 8. ValueError
+    naming the shortest budget when even the minimal recipe does not fit."""
+    cfg = state.cfg
+    t = _timings(state)
+    plan = budgets.plan_budget(60 * cfg.budget, t, cfg.precompute_epochs, cfg.head_cycles,
+                               valid_every_epoch=cfg.valid_every_epoch)
+    plan = ddp.broadcast_object(plan)  # data-parallel: rank 0's plan (timings differ a little per process)
+    state.precompute_epochs, state.head_cycles = plan.precompute_epochs, plan.head_cycles
+    state.budget["first"] = {**plan.as_dict(), "timings": _rounded(dataclasses.asdict(t))}
+    print(f"  budget {cfg.budget:g} min: step 3 {plan.precompute_epochs} epoch(s), step 4 {plan.head_cycles} "
+          f"cycle(s), step 8 cycles {plan.full_cycles} (first estimate), about {plan.planned_s / 60:.1f} min")
+
+
+def _plan_full(state: RecipeState) -> None:
+    """At the start of step 8 (or its resume): whole SGDR cycles that fit what is left, printed."""
+    if state.full_cycles is not None:  # planned before an interruption: keep that plan
+        return
+    cfg = state.cfg
+    t = _timings(state)
+    plan = budgets.plan_budget(60 * cfg.budget, t, state.precompute_epochs, state.head_cycles,
+                               valid_every_epoch=cfg.valid_every_epoch, head_fixed=True)
+    plan = ddp.broadcast_object(plan)  # data-parallel: every process trains rank 0's cycles
+    state.full_cycles = plan.full_cycles
+    state.budget["full"] = {**plan.as_dict(), "timings": _rounded(dataclasses.asdict(t))}
+    print(f"  budget plan: {cfg.budget:g} min in all, {t.spent / 60:.1f} min spent; step 8: SGDR cycles of "
+          f"{', '.join(map(str, plan.full_cycles))} epoch(s) at ~{t.full_epoch:.0f} s an epoch "
+          f"({plan.parts_s['full_sgdr'] / 60:.1f} min), evaluation and export ~{t.finish / 60:.1f} min; "
+          f"planned end at {plan.planned_s / 60:.1f} min", flush=True)
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def _budget_summary(state: RecipeState, seconds_total: float) -> dict | None:
+    """Planned vs actual, for metrics.json and the report."""
+    if state.cfg.budget is None:
+        return None
+    full = state.budget.get("full", {})
+    stop = state.stop or {}
+    return {"budget_min": state.cfg.budget,
+            "planned": {"minutes": round(full.get("planned_s", math.nan) / 60, 2),
+                        "precompute_epochs": state.precompute_epochs, "head_cycles": state.head_cycles,
+                        "full_cycles": state.full_cycles},
+            "actual": {"minutes": round(seconds_total / 60, 2), "full_cycles": stop.get("cycles"),
+                       "full_epochs": stop.get("epochs")},
+            "first_plan": state.budget.get("first"), "step8_plan": full}
+
+
+# ----------------------------------------------------------------------------- helpers of the steps
 
 def _lr_range_test(learn, cfg, png: Path, fallback: float, rise: bool = False, **kw) -> dict:
     """find_lr + its plot; if the test cannot suggest (tiny or wild data), `fallback`, said loudly.
@@ -338,30 +681,9 @@ def _lr_range_test(learn, cfg, png: Path, fallback: float, rise: bool = False, *
         ax.axvline(at, color="C3", ls=":", label=f"loss rises {at:.1e}")
         ax.axvline(at / 10, color="C4", ls="-.", label=f"rise / 10 = {at / 10:.1e}")
         ax.legend(loc="best", fontsize="small")
-    save_png(fig, png)
+    if ddp.is_main_process():
+        save_png(fig, png)
     return out
-
-
-def _precompute_step(learn, cfg, steps: _Steps, lr: float, head_learn) -> None:
-    """Step 3: head on cached body activations (or, with precompute off, full forward passes)."""
-    if not cfg.precompute:
-        fit_one_cycle(learn, cfg.precompute_epochs, lr_max=lr)
-        st = steps.done(f"{cfg.precompute_epochs} epoch(s) one-cycle at lr {lr:.2e}, no precompute",
-                        lr=lr, note="precompute off: full forward passes with augmentation")
-        print(f"     {_acc_text(st)[2:]}")
-        return
-    head_log = _RunLog()  # the head trains in its own Learner: log it there, then merge
-    head_log.step = steps.log.step
-    res = precompute_head(learn, cfg.precompute_epochs, lr_max=lr, head_learn=head_learn, cbs=[head_log])
-    steps.log.merge(head_log, n_groups(learn))
-    st = steps.done(f"{res.epochs} epoch(s) one-cycle at lr {lr:.2e} on the activations cached in step 2 "
-                    f"(body pass {res.seconds_cache:.1f} s{', reused' if res.cache_hit else ''}), head "
-                    f"trained in {res.seconds_train:.1f} s", lr=lr, seconds_cache=round(res.seconds_cache, 2),
-                    seconds_train=round(res.seconds_train, 2), cache_hit=bool(res.cache_hit),
-                    train_loss=_num(res.train_loss), valid_loss=_num(res.valid_loss),
-                    accuracy=_num(res.accuracy),
-                    note=f"body run once in {res.seconds_cache:.1f} s, head trained in {res.seconds_train:.1f} s")
-    print(f"     {_acc_text(st)[2:]}")
 
 
 @contextmanager
@@ -419,148 +741,12 @@ def _device_text() -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
-def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
-    """Run the eight steps of the lesson-2 recipe and write every output into `cfg.out`."""
-    cfg = (cfg or RecipeConfig()).effective()
-    out = Path(cfg.out)
-    set_seed(cfg.seed)
-    t_run = time.perf_counter()
-    log = _RunLog()
-    steps = _Steps(log)
-    mining = _hard_mining_cbs(cfg)
-    lrf = {}
-    print(f"fastlesson recipe: data={cfg.data} arch={cfg.arch} size={cfg.size}px bs={cfg.bs} "
-          f"opt={cfg.opt} on {_device_text()}; outputs in {out}")
+# ----------------------------------------------------------------------------- evaluation and outputs
 
-    # 1. data with augmentation, pretrained backbone
-    steps.start(1, "data with augmentation and a pretrained backbone", "data")
-    data = load_data(cfg.data, size=cfg.size, bs=cfg.bs, seed=cfg.seed, valid_pct=cfg.valid_pct,
-                     num_workers=cfg.num_workers)
-    dls = data.dls
-    learn = create_learner(dls, arch=cfg.arch, pretrained=cfg.pretrained, opt_func=opt_func(cfg.opt))
-    learn.add_cb(log)
-    # channels-last tensors: mkldnn's convolutions on CPU run ~1.5x faster (lite0 at 160 px: a training
-    # batch of 32 in 2.5 s instead of 3.7 s); on GPU with fastai's mixed precision, as in to_fp16
-    learn.to_channelslast(use_amp=torch.cuda.is_available())
-    learn.model.to(memory_format=torch.channels_last)  # now, for step 2's body pass (the callback: at fit)
-    n_train, n_valid = len(dls.train_ds), len(dls.valid_ds)
-    freeze(learn, verbose=False)
-    if cfg.freeze_to > n_groups(learn) - 2:
-        raise ValueError(f"RecipeConfig.freeze_to={cfg.freeze_to} would leave only the head to train in step 8: "
-                         f"{cfg.arch} has {n_groups(learn)} layer groups, use 0..{n_groups(learn) - 2}")
-    skipped = [(str(p), str(r)) for p, r in (getattr(data, "skipped", None) or [])]
-    steps.done(f"{len(dls.vocab)} classes, {n_train} train / {n_valid} valid images"
-               f"{f', {len(skipped)} unreadable skipped' if skipped else ''}; {cfg.arch} "
-               f"({'ImageNet weights' if cfg.pretrained else 'from scratch'}), {n_groups(learn)} layer groups",
-               n_classes=len(dls.vocab), n_train=n_train, n_valid=n_valid, n_skipped=len(skipped))
-    # the output folder is made only once the data and model are known good: bad input leaves nothing
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
-
-    # 2. LR range test on the frozen model (head only trains). With precompute, on the cached body
-    # activations, as fastai v0.7's lr_find did with precompute=True: the body runs once, here, and
-    # the sweep costs seconds instead of ~100 full forward/backward passes
-    head_learn = None
-    if cfg.precompute:
-        steps.start(2, "LR range test on the head (body activations computed once and cached)",
-                    "lr_find_head", record=False)
-        # cache in memory only: on disk the activations can be hundreds of MB (flowers at 160 px: ~370 MB)
-        head_learn = precompute_learner(learn, cache_dir=None, bs=cfg.bs)
-        print(f"  body run once over {n_train + n_valid} images in {head_learn.precompute.seconds:.1f} s")
-    else:
-        steps.start(2, "LR range test with the body frozen", "lr_find_head", record=False)
-    lrf["head"] = _lr_range_test(head_learn or learn, cfg, out / "lr_find_head.png", fallback=learn.lr)
-    lr_head = lrf["head"]["suggestion"]
-    steps.done(lrf["head"]["summary"], lrs=[], lr=lr_head)
-
-    # 3. head on precomputed activations
-    steps.start(3, "train the head on precomputed activations" if cfg.precompute
-                else "train the head (precompute off: full forward passes)", "precompute")
-    _precompute_step(learn, cfg, steps, lr_head, head_learn)
-
-    # 4. head with augmentation, SGDR cycle_len=1
-    steps.start(4, "train the head with augmentation (SGDR, cycle_len=1)", "head_sgdr")
-    _fit_head_frozen_body(learn, cfg.head_cycles, lr_head, mining)
-    st = steps.done(f"{cfg.head_cycles} cycle(s) of 1 epoch at lr {lr_head:.2e}, body BatchNorm frozen",
-                    lr=lr_head)
-    print(f"     {_acc_text(st)[2:]}")
-
-    # 5. unfreeze (from group cfg.freeze_to on); with bn_freeze the body's BatchNorm stays as it was
-    title = ("unfreeze all layers" if cfg.freeze_to == 0 else
-             f"unfreeze layer groups {cfg.freeze_to} and up (the early body stays frozen)")
-    steps.start(5, title, "unfreeze")
-    n_train_groups = freeze_to(learn, cfg.freeze_to, verbose=False)  # 0: fastai's unfreeze
-    bn_held = _body_bn_params(learn) if cfg.bn_freeze else []
-    held_ids = {id(p) for p in bn_held}
-    n_params = sum(p.numel() for p in learn.model.parameters() if p.requires_grad and id(p) not in held_ids)
-    bn_note = "; body BatchNorm frozen (eval mode, ImageNet statistics)" if cfg.bn_freeze else ""
-    steps.done(f"{n_train_groups} of {n_groups(learn)} layer groups trainable, {n_params / 1e6:.2f} M "
-               f"parameters{bn_note}", lrs=[], trainable_groups=n_train_groups, bn_freeze=cfg.bn_freeze)
-    bn_cbs = [BnFreeze()] if cfg.bn_freeze else []
-
-    # 6. discriminative LRs
-    steps.start(6, f"discriminative learning rates ({cfg.lr_factor:g}x lower per earlier group)",
-                "discriminative")
-    ratios = lr_groups(learn, 1.0, factor=cfg.lr_factor)
-    frozen_note = f" (group{'s' if cfg.freeze_to > 1 else ''} below {cfg.freeze_to} frozen)" if cfg.freeze_to else ""
-    steps.done("LR ratios by group (early body -> head): " + " : ".join(f"{r:.3g}" for r in ratios) + frozen_note,
-               lrs=[], ratios=[float(r) for r in ratios])
-
-    # 7. LR range test again, unfrozen, keeping the ratios
-    steps.start(7, "LR range test again on the unfrozen model", "lr_find_full", record=False)
-    with _held(bn_held):
-        lrf["full"] = _lr_range_test(learn, cfg, out / "lr_find_full.png", fallback=lr_head / 10,
-                                     rise=True, lr_ratios=ratios.tolist(), cbs=bn_cbs)
-    # never above the head's LR: a higher LR on a trained head undoes the work of steps 3-4; never
-    # below a tenth of it: a fine-tune at lower LRs barely moves
-    suggested = lrf["full"]["suggestion"]
-    lr_top = float(np.clip(suggested, lr_head / FULL_LR_FLOOR, lr_head))
-    lrs_full = ratios * lr_top
-    capped = lr_top < suggested
-    floored = lr_top > suggested
-    clamp = (" (capped at the head LR)" if capped else
-             f" (raised to the head LR / {FULL_LR_FLOOR})" if floored else "")
-    steps.done(lrf["full"]["summary"] + clamp + "; group LRs "
-               + " / ".join(f"{v:.1e}" for v in lrs_full), lrs=[], lr=[float(v) for v in lrs_full],
-               capped_at_head_lr=capped, floored_at_head_lr_div=floored,
-               note=f"suggested {suggested:.1e}, using {lr_top:.1e}{clamp}" if clamp else "")
-
-    # 8. full network, SGDR cycle_mult=2, until validation loss stops improving
-    steps.start(8, "train the full network (SGDR, cycle_mult=2) until it overfits", "full_sgdr")
-    base_loss = next((r["valid_loss"] for r in reversed(log.rows) if r.get("valid_loss") is not None),
-                     None)
-    with _held(bn_held):
-        stop = fit_until_overfit(learn, lrs_full, cfg.epochs_max, cbs=[*bn_cbs, *mining], baseline=base_loss,
-                                 valid_every_epoch=cfg.valid_every_epoch)
-    bvl = stop["best_valid_loss"]
-    steps.done(f"{stop['cycles']} cycle(s), {stop['epochs']} epochs; stopped: {stop['reason']}; best valid "
-               f"loss {'n/a' if bvl is None else f'{bvl:.3f}'} (epoch {stop['best_epoch']}) restored", lr=[float(v) for v in lrs_full], **stop,
-               note=f"{stop['cycles']} cycle(s); stopped: {stop['reason']}")
-    learn.remove_cb(log)
-
-    # final evaluation, plots, report, export
+def step_evaluate(state: RecipeState) -> dict:
+    """Final accuracy (with and without TTA) of the restored model, and every plot."""
     print("\nEvaluating on the validation set", flush=True)
-    final, plots = _evaluate_and_plot(learn, cfg, out, steps, log.rows, lrf)
-    metrics = {"steps": steps.steps, "final": final, "lr_find": lrf,
-               "seconds_total": round(time.perf_counter() - t_run, 1), "device": _device_text(),
-               "skipped": skipped}
-    files = _export(learn, cfg, out, final, metrics)
-    write_json(out / "metrics.json", metrics)
-    report.write_history_csv(log.rows, out / "history.csv")
-    report.write_report(out, dataclasses.asdict(cfg), metrics, plots)
-    files.update({k: out / v for k, v in plots.items()})
-    files.update({k: out / f"{k}.{ext}" for k, ext in
-                  (("config", "json"), ("metrics", "json"), ("history", "csv"), ("report", "md"))})
-    tta_txt = "" if final["accuracy_tta"] is None else f", {100 * final['accuracy_tta']:.1f}% with TTA"
-    print(f"\nDone in {metrics['seconds_total']:.0f} s: validation accuracy {100 * final['accuracy']:.1f}%"
-          f"{tta_txt}. Report: {out / 'report.md'}")
-    return RecipeResult(out=out, config=cfg, steps=steps.steps, accuracy=final["accuracy"],
-                        accuracy_tta=final["accuracy_tta"], valid_loss=final["valid_loss"], learn=learn,
-                        history=log.rows, metrics=metrics, files=files)
-
-
-def _evaluate_and_plot(learn, cfg, out: Path, steps: _Steps, history, lrf) -> tuple[dict, dict]:
-    """Final accuracy (with and without TTA) and every plot; returns (final metrics, {plot: file})."""
+    learn, cfg, out = state.learn, state.cfg, state.out
     preds, targs, losses = learn.get_preds(with_loss=True)
     pred_idx = preds.argmax(1)
     classes = [str(c) for c in learn.dls.vocab]
@@ -571,10 +757,12 @@ def _evaluate_and_plot(learn, cfg, out: Path, steps: _Steps, history, lrf) -> tu
         final["accuracy_tta"] = float((tp.argmax(1) == tt).float().mean())
     cm = report.confusion_matrix(targs.numpy(), pred_idx.numpy(), len(classes))
     final["most_confused"] = report.most_confused(cm, classes, k=10)
-    plots = {k: v["plot"] for k, v in (("lr_find_head", lrf["head"]), ("lr_find_full", lrf["full"]))
-             if "plot" in v}
-    report.plot_lr_schedule(steps.segments, out / "lr_schedule.png")
-    report.plot_losses(history, out / "losses.png")
+    if not ddp.is_main_process():  # data-parallel: one set of plots, rank 0's
+        state.final, state.plots = final, {}
+        return final
+    plots = {f"lr_find_{k}": state.lrf[k]["plot"] for k in ("head", "full") if "plot" in state.lrf.get(k, {})}
+    report.plot_lr_schedule(state.steps.segments, out / "lr_schedule.png")
+    report.plot_losses(state.log.rows, out / "losses.png")
     report.plot_confusion(cm, classes, out / "confusion.png")
     plots.update({"lr_schedule": "lr_schedule.png", "losses": "losses.png", "confusion": "confusion.png"})
     k = min(cfg.top_losses, len(losses))
@@ -585,7 +773,8 @@ def _evaluate_and_plot(learn, cfg, out: Path, steps: _Steps, history, lrf) -> tu
                                [float(preds[i].max()) for i in top], [float(losses[i]) for i in top],
                                out / "top_losses.png")
         plots["top_losses"] = "top_losses.png"
-    return final, plots
+    state.final, state.plots = final, plots
+    return final
 
 
 def _thumb(ds, i: int, size: int):
@@ -596,6 +785,46 @@ def _thumb(ds, i: int, size: int):
     img = x.convert("RGB")
     img.thumbnail((size * 2, size * 2))
     return np.asarray(img)
+
+
+def step_report(state: RecipeState) -> RecipeResult:
+    """Export (safe bundle + export.pkl), metrics.json, history.csv, report.md; checkpoints removed
+    unless cfg.keep_checkpoints. Returns the run's RecipeResult."""
+    cfg, out, final = state.cfg, state.out, state.final
+    metrics = {"steps": state.steps.steps, "final": final, "lr_find": state.lrf, "device": _device_text(),
+               "skipped": state.skipped, "resumed": state.resumed,
+               # world_size, global batch (bs x world_size) and the LR rule (not scaled, see distributed.py)
+               "distributed": ddp.describe(cfg.bs)}
+    ddp.detach_distributed(state.learn)  # the trained learner is a plain one again (and exportable)
+    if not ddp.is_main_process():  # data-parallel: rank 0 writes the outputs, the others nothing
+        return RecipeResult(out=out, config=cfg, steps=state.steps.steps, accuracy=final["accuracy"],
+                            accuracy_tta=final["accuracy_tta"], valid_loss=final["valid_loss"],
+                            learn=state.learn, history=state.log.rows, metrics=metrics)
+    files = _export(state.learn, cfg, out, final, metrics)
+    metrics["seconds_total"] = round(state.elapsed(), 1)
+    metrics["budget"] = _budget_summary(state, metrics["seconds_total"])
+    write_json(out / "metrics.json", metrics)
+    report.write_history_csv(state.log.rows, out / "history.csv")
+    report.write_report(out, dataclasses.asdict(cfg), metrics, state.plots)
+    files.update({k: out / v for k, v in state.plots.items()})
+    files.update({k: out / f"{k}.{ext}" for k, ext in
+                  (("config", "json"), ("metrics", "json"), ("history", "csv"), ("report", "md"))})
+    _close_loggers(state)
+    if state.checkpoints:
+        _finish_checkpoints(state)
+    tta_txt = "" if final["accuracy_tta"] is None else f", {100 * final['accuracy_tta']:.1f}% with TTA"
+    print(f"\nDone in {metrics['seconds_total']:.0f} s: validation accuracy {100 * final['accuracy']:.1f}%"
+          f"{tta_txt}. Report: {out / 'report.md'}")
+    return RecipeResult(out=out, config=cfg, steps=state.steps.steps, accuracy=final["accuracy"],
+                        accuracy_tta=final["accuracy_tta"], valid_loss=final["valid_loss"], learn=state.learn,
+                        history=state.log.rows, metrics=metrics, files=files)
+
+
+def _close_loggers(state: RecipeState) -> None:
+    if state.loggers:
+        from fastlesson.loggers import close_loggers
+
+        close_loggers(state.loggers)
 
 
 def _export(learn, cfg, out: Path, final: dict, metrics: dict) -> dict:
@@ -612,3 +841,143 @@ def _export(learn, cfg, out: Path, final: dict, metrics: dict) -> dict:
               "the safe bundle model.safetensors + model.json was written")
     print(f"Exported: {', '.join(sorted(files))} in {out}")
     return files
+
+
+# ----------------------------------------------------------------------------- run, checkpoint, resume
+
+def run_recipe(cfg: RecipeConfig | None = None) -> RecipeResult:
+    """Run the eight steps of the lesson-2 recipe and write every output into `cfg.out`; a checkpoint
+    after each step and each SGDR cycle of step 8 lets `resume_recipe(cfg.out)` continue."""
+    state = start_recipe(cfg)
+    state.checkpoints = True
+    return _run_steps(state)
+
+
+def _run_steps(state: RecipeState) -> RecipeResult:
+    with ddp.quiet_unless_main():  # data-parallel: one log on stdout, rank 0's
+        for name, step in STEPS:
+            if name in state.done:
+                continue
+            step(state)
+            state.done.append(name)
+            _checkpoint(state, name)
+        step_evaluate(state)
+        return step_report(state)
+
+
+def _checkpoint(state: RecipeState, after: str) -> None:
+    """Write RUN/checkpoint/ (no-op unless state.checkpoints; data-parallel, rank 0 writes it: the weights,
+    optimizer state and RNGs are the same in every process)."""
+    if not state.checkpoints or not ddp.is_main_process():
+        return
+    numbers = _state_numbers(state)
+    numbers["after"] = after if state.progress is None else f"{after} cycle {state.progress.cycles}"
+    ckpt.save_checkpoint(state.out, numbers, state.learn.model, state.learn.opt,
+                         best_state=state.best.state if state.best is not None else None)
+
+
+def _state_numbers(state: RecipeState) -> dict:
+    """The state's numbers as JSON: enough, with the weights, optimizer and RNGs, to continue exactly."""
+    best = state.best
+    return {"config": dataclasses.asdict(state.cfg), "fingerprint": state.fingerprint, "done": list(state.done),
+            "lr_head": state.lr_head, "ratios": state.ratios, "lrs_full": state.lrs_full, "lrf": state.lrf,
+            "skipped": state.skipped, "precompute_epochs": state.precompute_epochs,
+            "head_cycles": state.head_cycles, "full_cycles": state.full_cycles, "budget": state.budget,
+            "times": state.times, "stop": state.stop, "resumed": state.resumed, "spent": state.elapsed(),
+            "progress": None if state.progress is None else dataclasses.asdict(state.progress),
+            "best": None if best is None else {"best": best.best, "losses": best.losses, "offset": best.offset,
+                                               "best_epoch": best.best_epoch},
+            "log": {"rows": state.log.rows, "lrs": state.log.lrs, "epoch_no": state.log.epoch_no},
+            "steps": state.steps.numbers(),
+            "rng": ckpt.rng_state({"learn": state.learn.dls,
+                                   "head": getattr(state.head_learn, "dls", None)})}
+
+
+def _finish_checkpoints(state: RecipeState) -> None:
+    if state.cfg.keep_checkpoints:
+        _checkpoint(state, "finished")
+        doc_path = ckpt.checkpoint_dir(state.out) / "state.json"
+        print(f"Checkpoints kept in {doc_path.parent} (keep_checkpoints)")
+    else:
+        ckpt.remove_checkpoints(state.out)
+
+
+def resume_recipe(run_dir) -> RecipeResult:
+    """Continue the interrupted run in `run_dir` from its last completed step or SGDR cycle, with the
+    config (config.json) and data it was started with: the same final weights and metrics as a run
+    never interrupted (CPU, same seed). ValueError when the run is finished, has no checkpoint, or
+    its config or data differ from the checkpoint's (the message names the difference)."""
+    run_dir = Path(run_dir)
+    cfg = _saved_config(run_dir)
+    doc = ckpt.read_checkpoint(run_dir)
+    if doc is None or doc.get("after") == "finished":
+        if (run_dir / "metrics.json").is_file():
+            raise ValueError(f"{run_dir} is a finished run (its metrics.json and report.md are written): "
+                             f"nothing to resume; start a new run with another --out")
+        raise ValueError(f"{run_dir} has no checkpoint ({ckpt.checkpoint_dir(run_dir)}/state.json): it stopped "
+                         f"before step 1 ended; start it again with run_recipe / without --resume")
+    diff = _difference(doc["config"], dataclasses.asdict(cfg))
+    if diff:
+        raise ValueError(f"cannot resume {run_dir}: config.json differs from the config the run started with "
+                         f"({diff}); put config.json back, or start a new run with the new config")
+    state = start_recipe(cfg)
+    state.checkpoints = True
+    print(f"Resuming {run_dir} after {doc['after']} (checkpoint written {doc['written']}); "
+          f"rebuilding the data and the model first")
+    step_data(state)
+    diff = ckpt.fingerprint_difference(doc["fingerprint"], state.fingerprint)
+    if diff:
+        raise ValueError(f"cannot resume {run_dir}: the data in {cfg.data} differ from the data the run "
+                         f"started with ({diff}); restore the data, or start a new run")
+    _restore_state(state, doc)
+    return _run_steps(state)
+
+
+def _saved_config(run_dir: Path) -> RecipeConfig:
+    import json
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass the --out folder of a recipe run to resume")
+    saved = json.loads(path.read_text())
+    names = {f.name for f in dataclasses.fields(RecipeConfig)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"{path} has fields this fastlesson does not know: {unknown}; resume it with the "
+                         f"fastlesson version that started it")
+    return RecipeConfig(**saved)
+
+
+def _difference(saved: dict, now: dict) -> str | None:
+    keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    return "; ".join(f"{k}: {saved.get(k)!r} when the run started, {now.get(k)!r} now" for k in keys) or None
+
+
+def _restore_state(state: RecipeState, doc: dict) -> None:
+    """Weights, optimizer, numbers, head learner and (last) every RNG, as the checkpoint has them."""
+    learn, cfg, done = state.learn, state.cfg, doc["done"]
+    if "unfreeze" in done:
+        freeze_to(learn, cfg.freeze_to, verbose=False)  # fastai clears the optimizer state here: load after
+    learn.model.load_state_dict(ckpt.load_tensors(state.out, doc, "model"))
+    ckpt.load_optimizer(state.out, doc, learn.opt)
+    for k in ("lr_head", "ratios", "lrs_full", "lrf", "skipped", "precompute_epochs", "head_cycles",
+              "full_cycles", "budget", "times", "stop"):
+        setattr(state, k, doc[k])
+    state.done = list(done)
+    state.skipped = [tuple(s) for s in state.skipped]
+    if cfg.precompute and "lr_find_head" in done and "precompute" not in done:
+        state.head_learn = precompute_learner(learn, cache_dir=None, bs=cfg.bs)  # the body pass again
+    if doc["progress"] is not None:
+        state.progress = OverfitProgress(**doc["progress"])
+        state.best = BestWeights()
+        state.best.state = ckpt.load_tensors(state.out, doc, "best")
+        for k, v in doc["best"].items():
+            setattr(state.best, k, v)
+    state.log.rows, state.log.lrs, state.log.epoch_no = doc["log"]["rows"], doc["log"]["lrs"], doc["log"]["epoch_no"]
+    state.steps.restore(doc["steps"])
+    if "full_sgdr" in done:
+        learn.remove_cbs([state.log, state.clock])
+    state.spent_before = doc["spent"]
+    state.resumed = doc["resumed"] + [{"at": time.strftime("%Y-%m-%d %H:%M:%S"), "after": doc["after"],
+                                       "checkpoint_written": doc["written"], "spent_s": round(doc["spent"], 1)}]
+    ckpt.restore_rng(doc["rng"], {"learn": learn.dls, "head": getattr(state.head_learn, "dls", None)})

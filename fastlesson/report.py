@@ -206,6 +206,21 @@ def _fmt(v, pct: bool = False) -> str:
     return str(v)
 
 
+def _budget_lines(b: dict | None) -> list[str]:
+    """The time budget's plan next to what the run did."""
+    if not b:
+        return []
+    plan, act = b.get("planned", {}), b.get("actual", {})
+    return ["## Time budget", "",
+            "| | minutes | step 3 epochs | step 4 cycles | step 8 cycles |", "|---|---|---|---|---|",
+            f"| budget | {_fmt(b.get('budget_min'))} | | | |",
+            f"| planned | {_fmt(plan.get('minutes'))} | {_fmt(plan.get('precompute_epochs'))} | "
+            f"{_fmt(plan.get('head_cycles'))} | {_fmt(plan.get('full_cycles'))} |",
+            f"| actual | {_fmt(act.get('minutes'))} | {_fmt(plan.get('precompute_epochs'))} | "
+            f"{_fmt(plan.get('head_cycles'))} | {_fmt(act.get('full_cycles'))} "
+            f"({_fmt(act.get('full_epochs'))} epochs) |", ""]
+
+
 def write_report(out_dir, config: dict, metrics: dict, plots: dict[str, str]) -> Path:
     """report.md: headline numbers, a per-step table and every plot, all with relative links."""
     out_dir = Path(out_dir)
@@ -218,6 +233,10 @@ def write_report(out_dir, config: dict, metrics: dict, plots: dict[str, str]) ->
         f"{_fmt(metrics.get('seconds_total'))} s in total on {metrics.get('device', '-')}.", ""]
     if metrics.get("skipped"):
         lines += [f"{len(metrics['skipped'])} unreadable image(s) were skipped, listed in metrics.json.", ""]
+    for r in metrics.get("resumed") or []:
+        lines += [f"This run was interrupted and **resumed** at {r.get('at')} from its checkpoint after "
+                  f"{r.get('after')} (written {r.get('checkpoint_written', '-')}).", ""]
+    lines += _budget_lines(metrics.get("budget"))
     lines += ["## Steps", "",
               "| # | step | LR (per group) | epochs | seconds | train loss | valid loss | accuracy | note |",
               "|---|---|---|---|---|---|---|---|---|"]

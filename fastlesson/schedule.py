@@ -7,20 +7,23 @@ a learner's layer groups are its optimizer's param groups (fastai's ``splitter``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.schedule import ParamScheduler, combined_cos
 from fastai.optimizer import OptimWrapper
 from fastcore.basics import even_mults
 from fastcore.foundation import L
 
 from fastlesson._io import atomic_write, save_png
+from fastlesson.callbacks import BestWeights
 
 __all__ = [
-    "SCHEDULE_KINDS", "SGDRScheduler", "fit_one_cycle", "fit_sgdr", "freeze", "lr_groups", "n_groups",
+    "SCHEDULE_KINDS", "SGDRScheduler", "OverfitProgress", "ValidateAtFitEnd", "fit_one_cycle", "fit_sgdr",
+    "fit_until_overfit", "freeze", "lr_groups", "n_groups",
     "plot_schedules", "resolve_lrs", "schedule_preview", "sgdr_cycle_lengths", "sgdr_epochs", "sgdr_lrs",
     "unfreeze",
 ]
@@ -309,6 +312,103 @@ def fit_sgdr(learn, n_cycles: int, cycle_len: float, lr_max=None, cycle_mult: fl
     learn.fit(sum(epochs), lr=lrs.tolist(), wd=wd, cbs=L(sched) + L(cbs), reset_opt=reset_opt,
               start_epoch=sum(epochs[:start_cycle]))
     return sched.cycle_ends[start_cycle:]
+
+
+# ----------------------------------------------------------------------------- SGDR until it overfits
+
+class ValidateAtFitEnd(Callback):
+    """Skip validation on every epoch but a fit's last (fastai's CancelValidException; the epoch's row
+    then has its training loss only). One SGDR cycle per fit: validation at the cycle ends only, where
+    the LR has annealed; mid-cycle weights at a high LR are not kept anyway."""
+
+    order = 61  # after fastai's ProgressCallback (60) has opened the validation bar that after_validate closes
+
+    def before_validate(self):
+        if self.epoch < self.n_epoch - 1:
+            raise CancelValidException
+
+
+@dataclass
+class OverfitProgress:
+    """Where `fit_until_overfit` stands: whole cycles and epochs trained, the best validation loss of
+    those cycles (`prev`), and why it stopped (None while it goes on). Plain numbers: a checkpoint."""
+
+    cycles: int = 0
+    epochs: int = 0
+    prev: float = math.inf
+    reason: str | None = None
+
+
+def _check_epochs_max(epochs_max) -> None:
+    if isinstance(epochs_max, bool) or not isinstance(epochs_max, int) or epochs_max < 1:
+        raise ValueError(f"epochs_max={epochs_max!r} must be an integer >= 1")
+
+
+def _next_cycle(learn, lr_max, epochs_max, lengths, cbs, best: BestWeights, progress: OverfitProgress) -> bool:
+    """Train the next cycle unless there is none or it would pass epochs_max; update `progress`.
+    True if it trained."""
+    if progress.cycles >= len(lengths):
+        progress.reason = f"the {len(lengths)} planned cycle(s) of {lengths} epochs are done"
+        return False
+    length = lengths[progress.cycles]
+    if progress.epochs + length > epochs_max:
+        progress.reason = f"the next cycle ({length} epochs) would pass epochs_max={epochs_max}"
+        return False  # a cycle that would pass epochs_max is never started, whatever the losses
+    print(f"  cycle {progress.cycles + 1}: {length} epoch(s)", flush=True)
+    best.offset, n_seen = progress.epochs, len(best.losses)
+    fit_sgdr(learn, n_cycles=1, cycle_len=length, lr_max=lr_max, cbs=[best, *cbs])
+    progress.epochs, progress.cycles = progress.epochs + length, progress.cycles + 1
+    cur = min(best.losses[n_seen:], default=math.nan)
+    if not cur < progress.prev:  # also stops on a non-finite loss
+        progress.reason = (f"validation loss did not improve in cycle {progress.cycles} "
+                           f"({cur:.4f} vs {progress.prev:.4f}): it starts to overfit")
+    else:
+        progress.prev = cur
+    return True
+
+
+def _max_cycles(epochs_max: int, cycle_len, cycle_mult) -> int:
+    """Cycles up to the first one that would pass epochs_max (that one included: it is never run)."""
+    n = 1
+    while sgdr_epochs(n, cycle_len, cycle_mult) <= epochs_max:
+        n += 1
+    return n
+
+
+def fit_until_overfit(learn, lr_max, epochs_max: int, cycle_len: int = 1, cycle_mult: int = 2, cbs=None,
+                      baseline: float | None = None, valid_every_epoch: bool = True,
+                      best: BestWeights | None = None, progress: OverfitProgress | None = None,
+                      after_cycle=None, cycle_lengths: list[int] | None = None) -> dict:
+    """SGDR cycles of cycle_len, cycle_len*cycle_mult, ... epochs while validation loss improves.
+
+    The first cycle always runs; each later one runs only if the cycle before it lowered the best
+    validation loss of this fit (when it did not, the model has started to overfit), and never past
+    `epochs_max`. Then the best weights seen are loaded from an in-memory copy (`BestWeights`); the
+    starting weights (validation loss `baseline`, measured when None) are a candidate too, so a
+    fine-tune that never helps leaves the model as it was. `valid_every_epoch=False` validates only at
+    the end of each cycle (the SGDR snapshots; then only those are candidates).
+    `cycle_lengths`: the epochs of each cycle, instead of cycle_len * cycle_mult**i (a time budget's
+    plan; still whole cycles, still stopped when one does not improve). Resuming: pass the `best` and `progress` saved after a cycle; `after_cycle(progress, best)` is
+    called after every trained cycle (the recipe writes its checkpoint there).
+    Returns {cycles, epochs, best_valid_loss, best_epoch, reason}.
+    """
+    _check_epochs_max(epochs_max)
+    if cycle_lengths is not None and (not cycle_lengths or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cycle_lengths)):
+        raise ValueError(f"cycle_lengths={cycle_lengths!r} must be a non-empty list of whole epochs >= 1")
+    lengths = list(cycle_lengths) if cycle_lengths is not None else sgdr_cycle_lengths(
+        _max_cycles(epochs_max, cycle_len, cycle_mult), cycle_len, cycle_mult)
+    if best is None:
+        best = BestWeights(learn.model, float(learn.validate()[0]) if baseline is None else baseline)
+    progress = progress if progress is not None else OverfitProgress()
+    cbs = [*(cbs or []), *([] if valid_every_epoch else [ValidateAtFitEnd()])]
+    while progress.reason is None:
+        if _next_cycle(learn, lr_max, epochs_max, lengths, cbs, best, progress) and after_cycle:
+            after_cycle(progress, best)
+    best.restore(learn.model)
+    return {"cycles": progress.cycles, "epochs": progress.epochs,
+            "best_valid_loss": best.best if math.isfinite(best.best) else None,
+            "best_epoch": best.best_epoch, "reason": progress.reason}
 
 
 # ----------------------------------------------------------------------------- previews for the notebooks

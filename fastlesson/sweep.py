@@ -1,12 +1,17 @@
 """Hyperparameter sweeps of `small_cnn` (the seed's VGG-block study) and optimizer comparisons.
 
-`run_sweep(grid, data, out_dir)` trains every combination in `grid` and writes, in `out_dir`:
+`run_sweep(SweepConfig(...))` trains every combination of the grid and writes, in ``cfg.out``:
 
 - ``sweep.md``: the seed's table, one column per configuration (parameters, test accuracy, time);
 - ``sweep.csv``: one row per configuration;
 - ``plots/<key>.png``: train vs valid loss per epoch for each configuration (overfitting shows);
 - ``results.json``: finished configurations keyed by a stable hash; a re-run skips them (resume);
-- ``grid.yaml``: the effective grid and run settings.
+- ``models/<key>/``: each trained model as a safe bundle (``fastlesson.load_model``, scripts/predict.py);
+- ``grid.yaml`` and ``config.json``: the effective grid and run settings.
+
+With ``train_pct`` the training folder is split (per class, seeded) into training and validation
+images, as the seed did (80/20); per-epoch valid loss is measured there and the test accuracy on the
+untouched test/ (or valid/) folder. Without it the test folder is the validation set, as before.
 """
 
 from __future__ import annotations
@@ -20,25 +25,27 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from fastai.data.transforms import get_image_files
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
-from fastlesson._io import atomic_write_text
-from fastlesson.data import load_data
+from fastlesson._io import atomic_write_text, save_png
+from fastlesson.data import VALID_DIRS, load_data
 from fastlesson.optim import OPTIMIZERS, opt_func
 from fastlesson.schedule import fit_one_cycle
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter
 
-__all__ = ["GRID_KEYS", "DEFAULT_GRID", "SMOKE_GRID", "SweepResult", "normalize_grid", "expand_grid",
-           "config_key", "run_sweep", "sweep_table", "make_smoke_data", "subset_folder", "hardware"]
+__all__ = ["GRID_KEYS", "DEFAULT_GRID", "SMOKE_GRID", "SCHEDULES", "SweepConfig", "SweepResult", "normalize_grid",
+           "expand_grid", "config_key", "run_sweep", "sweep_table", "make_smoke_data", "subset_folder",
+           "hardware", "arch_kwargs"]
 
 # Defaults for keys a grid leaves out: the seed's baseline (its Keras model, Adam, a few epochs).
 DEFAULT_GRID: dict[str, list] = {
@@ -46,17 +53,23 @@ DEFAULT_GRID: dict[str, list] = {
     "bs": [64],              # images per batch
     "epochs": [5],           # passes over the training set
     "channels": [(64, 128)],  # feature maps per VGG block
+    "convs": [2],            # conv layers per block (1 = the seed's cropped VGG)
+    "bn": [True],            # BatchNorm after each conv (the seed: none)
     "fc": [(1024,)],         # hidden fully connected sizes
     "dropout": [0.0],        # after each hidden FC layer
     "opt": ["adam"],         # fastlesson.optim.opt_func name
+    "sched": ["one_cycle"],  # LR schedule: one_cycle, or fixed (a constant LR, as the seed trained)
 }
+SCHEDULES = ("one_cycle", "fixed")
 GRID_KEYS = tuple(DEFAULT_GRID)
 # Two configurations that train in seconds on `make_smoke_data` (16 px images).
 SMOKE_GRID: dict[str, list] = {"lr": [1e-3, 3e-3], "bs": [8], "epochs": [2], "channels": [(8,)],
                                "fc": [(16,)], "dropout": [0.0], "opt": ["adam"]}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 _LABELS = {"lr": "learning rate", "bs": "batch size", "epochs": "epochs", "channels": "feature maps",
-           "fc": "FC sizes", "dropout": "dropout", "opt": "optimizer"}
+           "convs": "conv layers per block", "bn": "BatchNorm", "fc": "FC sizes", "dropout": "dropout",
+           "opt": "optimizer", "sched": "LR schedule"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def _sizes(value, key: str) -> tuple[int, ...]:
@@ -82,7 +95,12 @@ def _option(key: str, value):
     try:
         if key in ("channels", "fc"):
             return _sizes(value, key)
-        if key in ("bs", "epochs"):
+        if key == "bn":
+            text = str(value).strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError
+            return text in _TRUE
+        if key in ("bs", "epochs", "convs"):
             out = int(value)
             if out < 1 or out != float(value):
                 raise ValueError
@@ -94,8 +112,9 @@ def _option(key: str, value):
             return out
         return str(value).lower()
     except (TypeError, ValueError):
-        need = {"bs": "a positive integer", "epochs": "a positive integer", "lr": "a positive float",
-                "dropout": "a float in [0, 1)"}.get(key, "a valid value")
+        need = {"bs": "a positive integer", "epochs": "a positive integer", "convs": "a positive integer",
+                "lr": "a positive float", "dropout": "a float in [0, 1)",
+                "bn": "true or false (yes/no)"}.get(key, "a valid value")
         raise ValueError(f"grid {key}={value!r}: need {need}") from None
 
 
@@ -118,6 +137,9 @@ def normalize_grid(grid: Mapping | None) -> dict[str, list]:
     bad = [o for o in out["opt"] if o not in OPTIMIZERS]
     if bad:
         raise ValueError(f"grid opt={bad}: unknown optimizer; valid: {list(OPTIMIZERS)}")
+    bad = [o for o in out["sched"] if o not in SCHEDULES]
+    if bad:
+        raise ValueError(f"grid sched={bad}: unknown LR schedule; valid: {list(SCHEDULES)}")
     return out
 
 
@@ -151,19 +173,10 @@ def hardware() -> str:
 def make_smoke_data(root: Path | str, n_classes: int = 3, n_train: int = 12, n_test: int = 6,
                     size: int = 16, seed: int = 0) -> Path:
     """Write a tiny learnable image folder (root/train|test/cls/*.png): class = dominant colour."""
-    from PIL import Image
+    from .synthetic import make_image_folder
 
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in range(n_classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 80, (size, size, 3))
-                img[..., c % 3] += 150
-                Image.fromarray(img.astype(np.uint8)).save(d / f"{i:03d}.png")
-    return root
+    return make_image_folder(root, [f"class{c}" for c in range(n_classes)], n_train, n_test, size,
+                             valid_name="test", fmt="png", noise=80, level=150, seed=seed)
 
 
 def subset_folder(src: Path | str, dst: Path | str, limit: int) -> Path:
@@ -186,6 +199,74 @@ def subset_folder(src: Path | str, dst: Path | str, limit: int) -> Path:
 
 
 @dataclass
+class SweepConfig:
+    """Everything `run_sweep` needs; scripts/sweep.py builds its options from these fields.
+
+    The grid is the YAML file `grid` (if any), under the list fields below: a list field that is not
+    None replaces that key of the file. Keys set nowhere take `DEFAULT_GRID` (`SMOKE_GRID` with `smoke`).
+    """
+
+    data: str | None = None  # load_data source: cifar10 | cifar100 | an image folder (train/ + test/ or valid/)
+    grid: str | None = None  # YAML file mapping grid keys to lists of options, e.g. bench/sweep_grid.yaml
+    out: str = "runs/sweep"  # output folder; a re-run with the same settings resumes there
+    seed: int = 42  # seeds the train/valid split, the initial weights and the batch order
+    size: int = 32  # px, side of the square input (the smoke data is 16 px and sets 16)
+    limit: int | None = None  # keep only the first N images (by name) per class and split; None = all
+    train_pct: float | None = None  # fraction of the training split used for training; the rest becomes validation (the seed: 0.8)
+    aug: bool = True  # pad-crop + flip augmentation of the training images (False overfits sooner)
+    save_models: bool = True  # save each trained configuration as a safe bundle in out/models/<key>/
+    smoke: bool = False  # 2 tiny configurations on synthetic 16 px images (seconds on CPU) when data is None
+    threads: int | None = None  # torch CPU threads; None = torch's default (all cores)
+    # grid keys: a list of options each; every combination is trained. None = the grid file's or the default
+    lr: list[float] | None = None  # learning rates: the one-cycle peak, or the fixed LR (default 3e-3)
+    bs: list[int] | None = None  # images per batch (default 64)
+    epochs: list[int] | None = None  # passes over the training images (default 5)
+    channels: list[str] | None = None  # feature maps per VGG block, e.g. 32,64 64,128 (default 64,128)
+    convs: list[int] | None = None  # conv layers per block: 1 = the seed's cropped VGG, 2 (default) = VGG's
+    bn: list[bool] | None = None  # BatchNorm after each conv: true (default) | false (the seed's)
+    fc: list[str] | None = None  # hidden FC sizes, e.g. 1024 1024,1024 none (default 1024)
+    dropout: list[float] | None = None  # dropout probability after each hidden FC layer (default 0)
+    opt: list[str] | None = None  # optimizers: sgd adam radam lookahead-radam ranger (default adam)
+    sched: list[str] | None = None  # LR schedules: one_cycle (default) | fixed (a constant LR, as the seed)
+
+    def grid_spec(self) -> dict:
+        """The raw grid: the YAML file, then the list fields on top (SMOKE_GRID under both with `smoke`)."""
+        grid: dict = {}
+        if self.grid is not None:
+            path = Path(self.grid)
+            if not path.is_file():
+                raise FileNotFoundError(f"grid={str(path)!r}: no such file; see bench/sweep_grid.yaml")
+            grid = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(grid, dict):
+                raise ValueError(f"grid={str(path)!r}: expected a mapping of grid keys {list(GRID_KEYS)} "
+                                 f"to lists of options")
+        if self.smoke:
+            grid = {**SMOKE_GRID, **grid}
+        return {**grid, **{k: getattr(self, k) for k in GRID_KEYS if getattr(self, k) is not None}}
+
+    def validate(self) -> SweepConfig:
+        """ValueError naming the first bad field (or grid option) and what to use instead."""
+        checks = [
+            ("size", self.size, isinstance(self.size, int) and self.size >= 8, "an integer >= 8 (px)"),
+            ("limit", self.limit, self.limit is None or (isinstance(self.limit, int) and self.limit >= 1),
+             "an integer >= 1 (images per class), or None for all"),
+            ("train_pct", self.train_pct, self.train_pct is None or 0 < self.train_pct < 1,
+             "a fraction between 0 and 1 (the seed: 0.8), or None to validate on the test folder"),
+            ("threads", self.threads, self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+             "an integer >= 1, or None for torch's default"),
+            ("seed", self.seed, isinstance(self.seed, int), "an integer"),
+        ]
+        for name, value, ok, need in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r}: need {need}")
+        if self.data is None and not self.smoke:
+            raise ValueError("data=None: give a load_data source (cifar10, cifar100 or an image folder), "
+                             "or smoke=True for tiny synthetic images")
+        normalize_grid(self.grid_spec())
+        return self
+
+
+@dataclass
 class SweepResult:
     """What a sweep produced: one record per configuration (grid order) and the files written."""
 
@@ -202,28 +283,44 @@ def _fmt(key: str, value) -> str:
         return "-".join(str(v) for v in value) or "none"
     if key == "lr":
         return f"{value:g}"
+    if key == "bn":
+        return "yes" if value else "no"
     return str(value)
+
+
+def _loss_pair(r: dict) -> str:
+    return f"{r['train_loss'][-1]:.3f} / {r['valid_loss'][-1]:.3f}"
 
 
 def sweep_table(records: list[dict]) -> str:
     """The seed's Markdown table: one column per configuration, one row per parameter and result."""
     cols = [f"#{i + 1}" for i in range(len(records))]
     lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def row(label: str, cells) -> None:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
     for key in GRID_KEYS:
-        lines.append(f"| {_LABELS[key]} | " + " | ".join(_fmt(key, r[key]) for r in records) + " |")
-    lines.append("| test accuracy | " + " | ".join(f"{r['accuracy']:.4f}" for r in records) + " |")
-    lines.append("| final train / valid loss | "
-                 + " | ".join(f"{r['train_loss'][-1]:.3f} / {r['valid_loss'][-1]:.3f}" for r in records) + " |")
-    lines.append("| training time (s) | " + " | ".join(f"{r['seconds']:.1f}" for r in records) + " |")
-    lines.append("| key | " + " | ".join(r["key"] for r in records) + " |")
+        row(_LABELS[key], (_fmt(key, r.get(key, DEFAULT_GRID[key][0])) for r in records))
+    row("test accuracy", (f"{r['accuracy']:.4f}" for r in records))
+    if any(r.get("valid_accuracy") is not None for r in records):
+        row("valid accuracy", (f"{r['valid_accuracy']:.4f}" if r.get("valid_accuracy") is not None else "-"
+                               for r in records))
+    row("final train / valid loss", (_loss_pair(r) for r in records))
+    row("best valid loss (epoch)", (f"{min(r['valid_loss']):.3f} ({int(np.argmin(r['valid_loss'])) + 1})"
+                                    for r in records))
+    row("train / valid images", (f"{r.get('n_train', '?')} / {r.get('n_valid', '?')}" for r in records))
+    row("training time (s)", (f"{r['seconds']:.1f}" for r in records))
+    row("key", (r["key"] for r in records))
     return "\n".join(lines) + "\n"
 
 
 def _csv_text(records: list[dict]) -> str:
     import io
 
-    cols = ["key", *GRID_KEYS, "accuracy", "seconds", "final_train_loss", "final_valid_loss",
-            "best_valid_epoch", "seed", "aug", "eval_split", "n_train", "n_valid", "hardware", "data"]
+    cols = ["key", *GRID_KEYS, "accuracy", "valid_accuracy", "seconds", "final_train_loss", "final_valid_loss",
+            "best_valid_epoch", "seed", "aug", "train_pct", "eval_split", "n_train", "n_valid", "n_test",
+            "model", "hardware", "data"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, cols, extrasaction="ignore")
     writer.writeheader()
@@ -245,75 +342,187 @@ def plot_losses(record: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, record["train_loss"], "o-", label="train")
     ax.plot(epochs, record["valid_loss"], "s-", label="valid")
-    ax.set(xlabel="epoch", ylabel="loss",
-           title=" ".join(f"{k}={_fmt(k, record[k])}" for k in GRID_KEYS), xticks=epochs)
+    words = [f"{k}={_fmt(k, record[k])}" for k in GRID_KEYS if k in record]
+    ax.set(xlabel="epoch", ylabel="loss", title=" ".join(words[:5]) + "\n" + " ".join(words[5:]),
+           xticks=epochs)
     ax.title.set_fontsize(7)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
 
-def train_config(cfg: Mapping, dls, seed: int = 42) -> dict:
-    """Train `small_cnn` with one configuration on `dls`; per-epoch losses, accuracy and seconds."""
+def arch_kwargs(cfg: Mapping, size: int = 32) -> dict:
+    """`small_cnn` keyword arguments of one configuration (JSON-able, stored in the model bundle)."""
+    return {"channels": [int(c) for c in cfg["channels"]], "fc": [int(f) for f in cfg["fc"]],
+            "dropout": float(cfg["dropout"]), "convs_per_block": int(cfg.get("convs", 2)),
+            "bn": bool(cfg.get("bn", True)), "size": int(size)}
+
+
+def _fit(learn: Learner, cfg: Mapping) -> None:
+    """One configuration's schedule: fastai one-cycle at peak `lr`, or a constant `lr` (the seed's)."""
+    if cfg.get("sched", "one_cycle") == "fixed":
+        learn.fit(cfg["epochs"], lr=cfg["lr"])
+    else:
+        fit_one_cycle(learn, cfg["epochs"], lr_max=cfg["lr"])
+
+
+def train_config(cfg: Mapping, dls, seed: int = 42, test_dl=None, save_dir: Path | None = None) -> dict:
+    """Train `small_cnn` with one configuration on `dls`; per-epoch losses, accuracy and seconds.
+
+    `accuracy` is measured on `test_dl` when given (then `valid_accuracy` is the last epoch's on the
+    validation set), else on the validation set. With `save_dir` the trained model is written there
+    as a safe bundle (arch "small_cnn" with its `arch_kwargs`), readable by `fastlesson.load_model`.
+    """
     set_seed(seed, reproducible=True)
-    model = small_cnn(len(dls.vocab), channels=cfg["channels"], fc=cfg["fc"], dropout=cfg["dropout"],
-                      size=cfg.get("size", 32))
+    kwargs = arch_kwargs(cfg, cfg.get("size", 32))
+    model = small_cnn(len(dls.vocab), **kwargs)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
                     splitter=small_cnn_splitter, opt_func=opt_func(cfg["opt"]))
     start = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
-        fit_one_cycle(learn, cfg["epochs"], lr_max=cfg["lr"])
+        _fit(learn, cfg)
     seconds = time.perf_counter() - start
     values = np.array(learn.recorder.values, dtype=float)  # per epoch: train_loss, valid_loss, accuracy
-    return {"train_loss": values[:, 0].tolist(), "valid_loss": values[:, 1].tolist(),
-            "accuracy": float(values[-1, 2]), "seconds": seconds,
-            "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds)}
+    out = {"train_loss": values[:, 0].tolist(), "valid_loss": values[:, 1].tolist(),
+           "accuracy": float(values[-1, 2]), "valid_accuracy": None, "seconds": seconds,
+           "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_test": len(dls.valid_ds)}
+    if test_dl is not None:
+        with learn.no_bar(), learn.no_logging():
+            test_loss, test_acc = learn.validate(dl=test_dl)
+        out.update(valid_accuracy=out["accuracy"], accuracy=float(test_acc), test_loss=float(test_loss),
+                   n_test=len(test_dl.dataset))
+    if save_dir is not None:
+        from fastlesson.export import export_bundle
+
+        export_bundle(learn, save_dir, arch="small_cnn",
+                      extra={"arch_kwargs": kwargs, "sweep_config": json.loads(json.dumps(dict(cfg)))})
+        out["model"] = str(save_dir)
+    return out
 
 
-def run_sweep(grid: Mapping | None, data, out_dir: Path | str, seed: int = 42, size: int = 32,
-              limit: int | None = None, aug: bool = True,
-              log: Callable[[str], None] | None = print) -> SweepResult:
-    """Train every configuration of `grid` on `data` (a `load_data` source) and write table, CSV, plots.
+def _image_folder(source: str, size: int, seed: int) -> Path:
+    """The folder behind a load_data source (a path, or where cifar10/cifar100 were unpacked)."""
+    return Path(source) if Path(source).is_dir() else load_data(source, size=size, seed=seed).path
 
-    Finished configurations (same hyperparameters, data, seed, size, limit and aug) recorded in
-    ``out_dir/results.json`` are not trained again. `limit` keeps the first `limit` images per class
-    and split (a copy under ``out_dir/data-limit<N>``), for quick runs. `aug` is load_data's
-    augmentation (pad-crop + flip for CIFAR-sized images); without it overfitting shows sooner.
+
+def _split_dirs(folder: Path) -> tuple[Path, Path]:
+    """(train/, test/ or valid/ or val/) of an image folder; train_pct needs both."""
+    test = next((folder / d for d in reversed(VALID_DIRS) if (folder / d).is_dir()), None)
+    if not (folder / "train").is_dir() or test is None:
+        raise ValueError(f"train_pct needs {folder} to hold train/ and test/ (or valid/) class folders: the "
+                         f"validation images come out of train/, the test accuracy from the other folder")
+    return folder / "train", test
+
+
+def _test_dl(dls, test_dir: Path):
+    """Labelled DataLoader of `test_dir`'s class folders with the validation transforms of `dls`."""
+    import pandas as pd
+
+    files = [f for f in get_image_files(test_dir) if f.parent != test_dir]
+    labels = [f.parent.name for f in files]
+    unknown = sorted(set(labels) - {str(c) for c in dls.vocab})
+    if unknown:
+        raise ValueError(f"{test_dir} has classes {unknown} that the training folder lacks: "
+                         f"give both the same class folders")
+    df = pd.DataFrame({"path": files, "label": labels, "is_valid": True})
+    return dls.test_dl(df, with_labels=True)
+
+
+@dataclass
+class _Data:
+    """The images a sweep trains on, resolved once: where they are and how they are split."""
+
+    source: str           # cfg.data as given (or the smoke folder)
+    folder: Path | str    # what load_data reads (a limited copy with `limit`)
+    size: int
+    test_dir: Path | None  # with train_pct: the held-out test folder
+
+
+def _resolve_data(cfg: SweepConfig, out_dir: Path) -> _Data:
+    size = cfg.size
+    if cfg.data is None:  # smoke (validate() checked)
+        source, size = str(make_smoke_data(out_dir / "smoke-data", size=16)), 16
+    else:
+        source = str(cfg.data)
+    folder: Path | str = source
+    if cfg.limit is not None:
+        folder = subset_folder(_image_folder(source, size, cfg.seed), out_dir / f"data-limit{cfg.limit}", cfg.limit)
+    test_dir = None
+    if cfg.train_pct is not None:
+        folder, test_dir = _split_dirs(_image_folder(str(folder), size, cfg.seed))
+    return _Data(source, folder, size, test_dir)
+
+
+def _legacy_config(grid: Mapping | None, data, out_dir, **kw) -> SweepConfig:
+    """SweepConfig from the old call `run_sweep(grid, data, out_dir, seed=, size=, limit=, aug=)`."""
+    grid = dict(grid or {})
+    normalize_grid(grid)  # unknown keys fail here, named, not as a TypeError below
+    unknown = sorted(set(kw) - {"seed", "size", "limit", "aug", "train_pct", "save_models", "threads"})
+    if unknown:
+        raise ValueError(f"run_sweep: unknown argument(s) {unknown}; pass a SweepConfig")
+    return SweepConfig(data=None if data is None else str(data), out=str(out_dir), **kw,
+                       **{k: v for k, v in grid.items()})
+
+
+def run_sweep(cfg: SweepConfig | Mapping | None, data=None, out_dir: Path | str | None = None, *,
+              log: Callable[[str], None] | None = print, **legacy) -> SweepResult:
+    """Train every configuration of `cfg`'s grid and write table, CSV, plots and model bundles.
+
+    Finished configurations (same hyperparameters, data, seed, size, limit, train_pct and aug) recorded
+    in ``out/results.json`` are not trained again. `limit` keeps the first `limit` images per class
+    and split (a copy under ``out/data-limit<N>``), for quick runs. `aug` is load_data's augmentation
+    (pad-crop + flip for CIFAR-sized images); without it overfitting shows sooner.
+    The old call ``run_sweep(grid, data, out_dir, seed=..., size=..., limit=..., aug=...)`` still works.
     """
+    if not isinstance(cfg, SweepConfig):
+        cfg = _legacy_config(cfg, data, out_dir if out_dir is not None else "runs/sweep", **legacy)
+    elif data is not None or out_dir is not None or legacy:
+        raise ValueError("run_sweep(SweepConfig): put data, out and the rest in the config, not as arguments")
     log = log or (lambda msg: None)
-    configs = expand_grid(grid)  # validate before writing anything
-    out_dir = Path(out_dir)
+    cfg.validate()
+    grid = normalize_grid(cfg.grid_spec())
+    configs = expand_grid(grid)  # validated before anything is written
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    source = str(data)
-    if limit is not None:
-        folder = Path(source) if Path(source).is_dir() else load_data(source, size=size, seed=seed).path
-        data = subset_folder(folder, out_dir / f"data-limit{limit}", limit)
-    effective = {"grid": {k: [list(v) if isinstance(v, tuple) else v for v in vals]
-                          for k, vals in normalize_grid(grid).items()},
-                 "data": source, "seed": seed, "size": size, "limit": limit, "aug": aug, "n_configs": len(configs)}
+    d = _resolve_data(cfg, out_dir)
+    effective = {"grid": {k: [list(v) if isinstance(v, tuple) else v for v in vals] for k, vals in grid.items()},
+                 "data": d.source, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug,
+                 "train_pct": cfg.train_pct, "n_configs": len(configs)}
     atomic_write_text(out_dir / "grid.yaml", yaml.safe_dump(effective, sort_keys=False))
+    atomic_write_text(out_dir / "config.json", json.dumps({**asdict(cfg), "effective": effective}, indent=1,
+                                                          default=str) + "\n")
 
     results_path = out_dir / "results.json"
     done = json.loads(results_path.read_text()) if results_path.exists() else {}
-    loaded: dict[int, object] = {}  # bs -> DataResult
+    loaded: dict[int, tuple] = {}  # bs -> (DataResult, test DataLoader or None)
     records, trained, resumed = [], 0, 0
-    for i, cfg in enumerate(configs, 1):
-        key = config_key(cfg, data=source, seed=seed, size=size, limit=limit, aug=aug)
-        desc = ", ".join(f"{k}={_fmt(k, v)}" for k, v in cfg.items())
+    context = {"data": d.source, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug}
+    if cfg.train_pct is not None:  # left out when None, so older results.json keys still match
+        context["train_pct"] = cfg.train_pct
+    for i, c in enumerate(configs, 1):
+        key = config_key(c, **context)
+        desc = ", ".join(f"{k}={_fmt(k, v)}" for k, v in c.items())
         if key in done:
             log(f"[{i}/{len(configs)}] {key} done before, skipped: {desc}")
             records.append(done[key])
             resumed += 1
             continue
         log(f"[{i}/{len(configs)}] {key} training: {desc}")
-        if cfg["bs"] not in loaded:  # batches differ per bs; the images and split do not
-            loaded[cfg["bs"]] = load_data(data, size=size, bs=cfg["bs"], seed=seed, aug=aug)
-        res = loaded[cfg["bs"]]
-        out = train_config({**cfg, "size": size}, res.dls, seed=seed)
-        record = {"key": key, **cfg, **out, "seed": seed, "size": size, "limit": limit, "aug": aug,
-                  "data": source, "eval_split": res.split,
+        if c["bs"] not in loaded:  # batches differ per bs; the images and split do not
+            res = load_data(d.folder, size=d.size, bs=c["bs"], seed=cfg.seed, aug=cfg.aug,
+                            valid_pct=1 - cfg.train_pct if cfg.train_pct else 0.2)
+            loaded[c["bs"]] = (res, _test_dl(res.dls, d.test_dir) if d.test_dir is not None else None)
+        res, test_dl = loaded[c["bs"]]
+        save_dir = out_dir / "models" / key if cfg.save_models else None
+        out = train_config({**c, "size": d.size}, res.dls, seed=cfg.seed, test_dl=test_dl, save_dir=save_dir)
+        record = {"key": key, **c, **out, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug,
+                  "train_pct": cfg.train_pct, "data": d.source,
+                  "eval_split": d.test_dir.name if d.test_dir is not None else res.split,
+                  "valid_split": f"random {1 - cfg.train_pct:.0%} of train" if cfg.train_pct else res.split,
                   "hardware": hardware(), "torch": torch.__version__,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         record = json.loads(json.dumps(record))  # tuples -> lists, as they come back from results.json
@@ -322,16 +531,20 @@ def run_sweep(grid: Mapping | None, data, out_dir: Path | str, seed: int = 42, s
         atomic_write_text(results_path, json.dumps(done, indent=1))  # after each one, so a crash loses one
         records.append(record)
         trained += 1
-        log(f"    accuracy {record['accuracy']:.4f}, {record['seconds']:.1f} s")
+        log(f"    test accuracy {record['accuracy']:.4f}, {record['seconds']:.1f} s"
+            + (f", model {record['model']}" if record.get("model") else ""))
 
     table = sweep_table(records)
     files = {"table": out_dir / "sweep.md", "csv": out_dir / "sweep.csv", "results": results_path,
-             "grid": out_dir / "grid.yaml"}
+             "grid": out_dir / "grid.yaml", "config": out_dir / "config.json"}
     splits = sorted({r.get("eval_split", "?") for r in records})
-    header = (f"Sweep of small_cnn on {source}" + (f" (first {limit} images per class)" if limit else "")
-              + f", seed {seed}, {size} px, aug {aug}; accuracy on the {'/'.join(splits)} split; "
-              + f"{hardware()}.\n\n")
+    train_part = (f", trained on {cfg.train_pct:.0%} of train/ (the rest validates)" if cfg.train_pct else "")
+    header = (f"Sweep of small_cnn on {d.source}" + (f" (first {cfg.limit} images per class)" if cfg.limit else "")
+              + f", seed {cfg.seed}, {d.size} px, aug {cfg.aug}{train_part}; accuracy on the "
+              + f"{'/'.join(splits)} split; {hardware()}.\n\n")
     atomic_write_text(files["table"], header + table)
     atomic_write_text(files["csv"], _csv_text(records))
     files["plots"] = out_dir / "plots"
+    if cfg.save_models:
+        files["models"] = out_dir / "models"
     return SweepResult(records, out_dir, table, trained, resumed, files)

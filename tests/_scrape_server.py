@@ -1,17 +1,19 @@
-"""A loopback HTTP server for scrape tests: good images plus every bad case the scraper must survive."""
+"""Routes for scrape tests: good images plus every bad case the scraper must survive.
+
+The server itself is fastlesson.loopback.LoopbackServer (shared with the scraping notebook).
+"""
 
 from __future__ import annotations
 
 import io
 import struct
-import threading
 import time
 import zlib
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
+
+from fastlesson.loopback import LoopbackServer
 
 SLOW_S = 1.5  # s the slow route waits before answering; tests use a shorter timeout
 
@@ -126,70 +128,34 @@ def build_routes(n_good=7, max_bytes=200_000) -> dict:
     return routes
 
 
-class ScrapeServer:
-    """ThreadingHTTPServer on 127.0.0.1:<free port>; `hits` counts requests per path+query."""
+class ScrapeServer(LoopbackServer):
+    """fastlesson's LoopbackServer with build_routes' named behaviours; `hits` counts path+query."""
 
     def __init__(self, routes: dict, max_bytes: int):
-        self.routes, self.max_bytes, self.hits = routes, max_bytes, Counter()
-        self.lock = threading.Lock()
-        server = self
+        self.max_bytes = max_bytes
+        super().__init__({path: self._behaviour(spec) if isinstance(spec, str) else spec
+                          for path, spec in routes.items()})
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # keep test output quiet
-                pass
+    def _behaviour(self, name: str):
+        """The route function for one of build_routes' named routes."""
+        return {"slow": self._slow, "flaky": _flaky, "select": _select, "huge": self._huge}[name]
 
-            def do_GET(self):
-                with server.lock:
-                    server.hits[self.path] += 1
-                    n = server.hits[self.path]
-                path, _, query = self.path.partition("?")
-                spec = server.routes.get(path)
-                if spec == "slow":
-                    time.sleep(SLOW_S)
-                    spec = server.routes["/good/horse/1.jpg"]
-                elif spec == "flaky":
-                    spec = (503, {}, b"busy") if n == 1 else (200, {}, encode(pattern(109), quality=90))
-                elif spec == "select":
-                    ident = int(dict(p.split("=") for p in query.split("&"))["id"])
-                    spec = (200, {}, encode(pattern(200 + ident), quality=90))
-                elif spec == "huge":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
-                    self.end_headers()
-                    try:
-                        self.wfile.write(b"\xff\xd8\xff\xe0")
-                        for _ in range(server.max_bytes // 8192 + 4):
-                            self.wfile.write(b"\0" * 8192)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # the client gave up, as it should
-                    self.close_connection = True
-                    return
-                elif spec is None:
-                    spec = (404, {}, b"no such route")
-                status, headers, body = spec
-                try:
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    if "Content-Length" not in headers:
-                        self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+    def _slow(self, query: str, n: int):
+        time.sleep(SLOW_S)
+        return self.routes["/good/horse/1.jpg"]
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    def _huge(self, query: str, n: int):
+        """A JPEG signature then zeros past max_bytes, streamed with no Content-Length."""
+        chunks = [b"\xff\xd8\xff\xe0"] + [b"\0" * 8192] * (self.max_bytes // 8192 + 4)
+        return 200, {"Content-Type": "image/jpeg"}, iter(chunks)
 
-    def url(self, path: str) -> str:
-        return self.base + path
 
-    def __enter__(self):
-        self.thread.start()
-        return self
+def _flaky(query: str, n: int):
+    """503 on the first request, then an image."""
+    return (503, {}, b"busy") if n == 1 else (200, {}, encode(pattern(109), quality=90))
 
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+
+def _select(query: str, n: int):
+    """/select?id=N: the query string picks the image."""
+    ident = int(dict(p.split("=") for p in query.split("&"))["id"])
+    return 200, {}, encode(pattern(200 + ident), quality=90)

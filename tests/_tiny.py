@@ -1,4 +1,5 @@
-"""Tiny CPU test helpers: a 3-group CNN learner on synthetic images, and image folders on disk.
+"""Tiny CPU test helpers: a 3-group CNN learner on synthetic images, and image folders on disk
+(made by fastlesson.synthetic, the one home for synthetic image folders).
 
 Imported by tests as `from _tiny import ...` (not `from conftest import ...`: nbs/ has a conftest too).
 """
@@ -7,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import params
-from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from fastlesson import synthetic
 
 
 class TinyCNN(nn.Sequential):
@@ -61,17 +62,6 @@ def make_tiny_learner(n_train=64, n_valid=32, n_classes=3, size=16, bs=16, seed=
 
 def make_image_folder(root: Path, classes=("a", "b", "c"), n_per_class=6, size=(40, 32), seed=0,
                       layout="imagenet") -> Path:
-    """Write small real JPEGs; layout 'imagenet' -> root/train|valid/cls, 'flat' -> root/cls."""
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    splits = {"train": n_per_class, "valid": max(2, n_per_class // 2)} if layout == "imagenet" else {"": n_per_class}
-    for split, n in splits.items():
-        for ci, cls in enumerate(classes):
-            d = root / split / cls if split else root / cls
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = np.zeros((size[1], size[0], 3), np.uint8)
-                base[..., ci % 3] = 160 + 30 * (ci // 3)
-                arr = np.clip(base + rng.integers(0, 60, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"img_{i:03d}.jpg", quality=90)
-    return root
+    """Small real JPEGs (fastlesson.synthetic): 'imagenet' -> root/train|valid/cls, 'flat' -> root/cls."""
+    return synthetic.make_image_folder(root, classes, n_train=n_per_class, n_valid=max(2, n_per_class // 2),
+                                       size=size, layout=layout, noise=60, level=160, seed=seed)

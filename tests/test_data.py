@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import json
+import shutil
 import socket
 import tarfile
 import threading
@@ -14,15 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastai.torch_core import set_seed
 from fastai.vision.augment import CropPad, RandomResizedCrop
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageDataLoaders
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fastlesson.data import (
     MIN_SCALE,
     SOURCES,
     VAL_XTRA,
+    ImageOpener,
+    decode_side,
     flower_names,
     image_problem,
     load_data,
@@ -194,8 +198,8 @@ def test_plain_fastai_crashes_mid_epoch_on_the_same_folder(image_folder):
     path = image_folder(n_per_class=4)
     _corrupt(path)
     dls = ImageDataLoaders.from_folder(path, valid="valid", item_tfms=None, bs=4, num_workers=0)
-    with pytest.raises(Exception):  # noqa: B017  (PIL raises OSError/UnidentifiedImageError)
-        for _ in dls.valid:
+    with pytest.raises(UnidentifiedImageError, match="cannot identify image file .*notes.jpg"):
+        for _ in dls.valid:  # the text file in valid/c: PIL cannot open it, fastai does not catch it
             pass
 
 
@@ -230,6 +234,152 @@ def test_bad_arguments_are_value_errors(image_folder, kw):
     path = image_folder(layout="flat", n_per_class=4)
     with pytest.raises(ValueError, match=next(iter(kw))):
         load_data(path, **{**SMALL, **kw})
+
+
+# --- big photos: decoded at reduced scale, once, into a content-keyed cache --------------------------
+
+BIG = (1200, 900)  # px; size=64 needs decode_side(64) = 80 px, so these are "big" (>= 2 x 80 on the short side)
+REDUCED = (107, 80)  # 1200x900 with its short side at 80 px
+
+
+def _photo(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth photo-like image: a random 8x6 colour field, upscaled."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    return small.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def _big_folder(root: Path, size=BIG, fmt="JPEG", n_train=4, n_valid=2) -> Path:
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        for ci, cls in enumerate(("a", "b")):
+            for i in range(n):
+                f = root / split / cls / f"{i}.{ext}"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                img = _photo(*size, seed=ci * 100 + i + (50 if split == "valid" else 0))
+                img.save(f, quality=95) if fmt == "JPEG" else img.save(f)
+    return root
+
+
+def _pre_resized(big: Path, root: Path) -> Path:
+    """What a person would do by hand: full decode, resize to short side 80 px, save losslessly."""
+    for f in sorted(big.rglob("*.*")):
+        out = root / f.relative_to(big).with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("RGB").resize(REDUCED, Image.Resampling.LANCZOS).save(out)
+    return root
+
+
+def _epoch(res, seed=0):
+    """Every batch of one shuffled training epoch and of the validation set, as [0, 1] tensors."""
+    set_seed(seed)
+    res.dls.train.rng.seed(seed)  # the loader's own shuffle RNG, drawn once when it was made
+    train = [(x.cpu().clone(), y.cpu().clone()) for x, y in res.dls.train]
+    valid = [(x.cpu().clone(), y.cpu().clone()) for x, y in res.dls.valid]
+    return train + valid
+
+
+@pytest.fixture(scope="module")
+def big_jpegs(tmp_path_factory):
+    return _big_folder(tmp_path_factory.mktemp("big") / "photos")
+
+
+BIG_KW = {"size": 64, "bs": 4, "seed": 3}
+
+
+def test_big_photos_give_the_batches_of_pre_resized_copies(big_jpegs, tmp_path):
+    big = load_data(big_jpegs, image_cache=tmp_path / "cache", **BIG_KW)
+    assert big.decode_side == 80 == decode_side(64) and big.n_cached == 12
+    pre = load_data(_pre_resized(big_jpegs, tmp_path / "pre"), image_cache=tmp_path / "cache2", **BIG_KW)
+    assert pre.n_cached == 0 and pre.image_cache is None  # already small: nothing to cache
+    a, b = _epoch(big), _epoch(pre)
+    assert len(a) == len(b) == 2 + 1  # 8 train images in batches of 4, 4 valid images
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert xa.shape == xb.shape and xa.shape[1:] == (3, 64, 64)
+        assert torch.equal(ya, yb)
+        assert (xa - xb).abs().mean() < 2 / 255  # the decoder's reduced scale vs a full decode, then resize
+    # and not the same by accident: another seed draws other crops
+    assert (_epoch(big, seed=1)[0][0] - a[0][0]).abs().mean() > 10 / 255
+
+
+def test_second_load_reads_the_cache_without_decoding(big_jpegs, tmp_path, monkeypatch):
+    first = _epoch(load_data(big_jpegs, image_cache=tmp_path, **BIG_KW))
+    copies = sorted(tmp_path.rglob("*.bmp"))
+    assert len(copies) == 12 and not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
+    assert all(Image.open(c).size in (REDUCED, REDUCED[::-1]) for c in copies)
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded a big photo again")
+
+    monkeypatch.setattr("fastlesson.data.open_reduced", no_decode)
+    again = load_data(big_jpegs, image_cache=tmp_path, **BIG_KW)
+    assert again.n_cached == 12 and again.image_cache == tmp_path
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(first, _epoch(again)))
+
+
+def test_cache_is_safe_to_delete_and_optional(big_jpegs, tmp_path):
+    cached = load_data(big_jpegs, image_cache=tmp_path / "c", **BIG_KW)
+    want = _epoch(cached)
+    shutil.rmtree(tmp_path / "c")  # mid-run: the opener decodes the originals to the same pixels
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(want, _epoch(cached)))
+    off = load_data(big_jpegs, image_cache=False, **BIG_KW)
+    assert off.n_cached == 0 and not (tmp_path / "c").exists()
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(want, _epoch(off)))
+
+
+def test_cache_is_keyed_by_content_not_name(tmp_path):
+    root = _big_folder(tmp_path / "p", n_train=2, n_valid=1)
+    load_data(root, image_cache=tmp_path / "c", **BIG_KW)
+    before = {c.name for c in (tmp_path / "c").rglob("*.bmp")}
+    (root / "train" / "a" / "0.jpg").rename(root / "train" / "a" / "renamed.jpg")  # same bytes: a hit
+    _photo(*BIG, seed=999).save(root / "train" / "b" / "0.jpg", quality=95)  # new bytes, same name: a miss
+    res = load_data(root, image_cache=tmp_path / "c", **BIG_KW)
+    after = {c.name for c in (tmp_path / "c").rglob("*.bmp")}
+    assert res.n_cached == 6 and len(before) == 6 and len(after - before) == 1
+    assert all(n.endswith(f"-{res.decode_side}px-r1.bmp") for n in after)  # keyed by target size too
+
+
+@pytest.mark.parametrize("w,h", [(4000, 3000), (1000, 750), (401, 300), (250, 199), (150, 100), (90, 160)])
+def test_opener_never_goes_below_decode_side(tmp_path, w, h):
+    f = tmp_path / "p.jpg"
+    _photo(w, h, seed=0).save(f, quality=90)
+    img = ImageOpener(200)(f)
+    assert isinstance(img, PILImage)
+    assert min(img.size) == min(200, w, h)  # reduced to 200 px, never below; small photos as they are
+    assert img.size[0] / img.size[1] == pytest.approx(w / h, rel=0.02)
+
+
+def test_opener_applies_exif_rotation_which_fastai_ignores(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer rotates the stored pixels 90 degrees clockwise: a portrait photo
+    _photo(1200, 900, seed=1).save(tmp_path / "r.jpg", quality=95, exif=exif)
+    assert ImageOpener(80)(tmp_path / "r.jpg").size == (80, 107)
+    assert PILImage.create(tmp_path / "r.jpg").size == (1200, 900)  # fastai trains on it sideways
+
+
+def test_big_pngs_are_cached_too_and_small_ones_are_not(tmp_path):
+    res = load_data(_big_folder(tmp_path / "png", fmt="PNG", n_train=2, n_valid=1), image_cache=tmp_path / "c",
+                    **BIG_KW)
+    assert res.n_cached == 6 and res.dls.one_batch()[0].shape == (4, 3, 64, 64)
+    small = load_data(_big_folder(tmp_path / "small", size=(150, 100), fmt="PNG", n_train=2, n_valid=1),
+                      image_cache=tmp_path / "c2", **BIG_KW)
+    assert small.n_cached == 0 and not (tmp_path / "c2").exists()
+    assert small.dls.one_batch()[0].shape == (4, 3, 64, 64)
+
+
+def test_broken_big_photo_is_skipped_with_a_reason(tmp_path):
+    root = _big_folder(tmp_path / "p", n_train=3, n_valid=1)
+    good = root / "train" / "a" / "0.jpg"
+    broken = root / "train" / "a" / "broken.jpg"
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # header says 1200x900, data cut
+    res = load_data(root, image_cache=tmp_path / "c", **BIG_KW)
+    assert list(dict(res.skipped)) == [broken] and "unreadable image" in dict(res.skipped)[broken]
+    assert res.n_cached == 8
+
+
+def test_bad_image_cache_is_a_value_error(image_folder):
+    with pytest.raises(ValueError, match="image_cache=3"):
+        load_data(image_folder(n_per_class=4), image_cache=3, **SMALL)
 
 
 # --- downloads, offline: archives of the real layouts served from 127.0.0.1 --------------------------

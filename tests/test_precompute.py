@@ -14,6 +14,7 @@ from fastai.vision.augment import RandomResizedCrop, aug_transforms
 from fastai.vision.data import ImageBlock
 from fastai.vision.learner import create_head
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from fastlesson.precompute import clear_memory_cache, precompute_head, precompute_learner
 
@@ -267,3 +268,62 @@ def test_lr_range_test_on_the_cache_leaves_the_head_as_it_was(tiny_learner):
         assert torch.allclose(a, b, atol=1e-6), k
     with pytest.raises(ValueError, match="precompute_learner"):
         precompute_head(fresh, 1, lr_max=1e-2, head_learn=hl)  # a head learner of another model
+
+
+def _changed_after(ds: TensorDataset, start: int, tail: str) -> TensorDataset:
+    """A copy of `ds` that is the same up to item `start` and differs after it."""
+    x, y = (t.clone() for t in ds.tensors)
+    if tail == "labels":  # e.g. mislabelled images fixed
+        y[start:] = (y[start:] + 1) % 3
+    elif tail == "images":
+        x[start:] = x[start:].flip(0)
+    else:  # more images
+        x, y = torch.cat([x, x[start:] * 0.5]), torch.cat([y, y[start:]])
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("tail", ["labels", "images", "longer"])
+def test_cache_not_reused_for_data_that_differs_only_after_the_first_batch(tmp_path, tail):
+    """The first clean batch (hashed on its own) is the same here: only the data identity tells them apart."""
+    from fastai.data.core import DataLoaders
+
+    base_learn = make_tiny_learner()
+    base = precompute_head(base_learn, 1, cache_dir=tmp_path)
+    other = make_tiny_learner()  # the same body weights (seed 0)
+    bs = other.dls.train.bs
+    train = _changed_after(other.dls.train_ds, bs, tail)
+    valid = _changed_after(other.dls.valid_ds, bs, tail)
+    other.dls = DataLoaders.from_dsets(train, valid, bs=bs, device="cpu", num_workers=0)
+    for new, old in ((train, base_learn.dls.train_ds), (valid, base_learn.dls.valid_ds)):
+        assert all(torch.equal(a[:bs], b[:bs]) for a, b in zip(new.tensors, old.tensors))
+    res = precompute_head(other, 1, cache_dir=tmp_path)  # base's features are in memory and on disk
+    assert not res.cache_hit and res.cache_key != base.cache_key
+    assert torch.equal(res.features.train_y, train.tensors[1]) and torch.equal(res.features.valid_y, valid.tensors[1])
+    clear_memory_cache()
+    assert precompute_head(other, 1, cache_dir=tmp_path).cache_hit  # its own entry is found again
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def relabelled_learner(path, moved: dict[str, str]) -> Learner:
+    """A DataBlock learner over `path` whose labels are the folder names, except `moved` (file -> class)."""
+    files = sorted(get_image_files(path))  # a fixed order: the first batch is the same for every labelling
+    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=lambda _: files,
+                       get_y=lambda f: moved.get(str(f.relative_to(path)), parent_label(f)),
+                       splitter=GrandparentSplitter(train_name="train", valid_name="valid"),
+                       item_tfms=RandomResizedCrop(24, min_scale=0.5))
+    dls = dblock.dataloaders(path, bs=8, num_workers=0, device="cpu")
+    torch.manual_seed(0)
+    return Learner(dls, nn.Sequential(TinyCNN(3)[0], create_head(16, dls.c)), metrics=accuracy)
+
+
+def test_cache_not_reused_when_an_image_late_in_the_set_is_relabelled(image_folder, tmp_path):
+    """Moving the last training image to another class changes neither the items' pixels nor the first batch."""
+    path = image_folder(n_per_class=6)
+    base = precompute_head(relabelled_learner(path, {}), 1, cache_dir=tmp_path)
+    last = "train/c/img_005.jpg"
+    learn = relabelled_learner(path, {last: "a"})
+    assert learn.dls.vocab == ["a", "b", "c"] and str(learn.dls.train_ds.items[-1].relative_to(path)) == last
+    res = precompute_head(learn, 1, cache_dir=tmp_path)
+    assert not res.cache_hit and res.cache_key != base.cache_key
+    assert res.features.train_y[-1] == 0 and base.features.train_y[-1] == 2  # "a", where it was "c"
+    assert torch.equal(res.features.train_x, base.features.train_x)  # same pixels, same body outputs

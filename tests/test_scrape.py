@@ -7,12 +7,16 @@ import io
 import json
 import os
 import runpy
+import socket
+import struct
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import imagehash
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
@@ -26,7 +30,7 @@ from fastlesson.scrape import (
     read_url_list,
     scrape_dataset,
 )
-from fastlesson.scrape_image import normalise_image, phash_distance
+from fastlesson.scrape_image import _to_rgb, normalise_image, phash_distance
 from fastlesson.scrape_search import DDGSBackend, SearchHit, StaticBackend, search_with_retry
 
 from _scrape_server import ScrapeServer, build_routes, encode, exif_rotated_jpeg, pattern, png_bomb
@@ -92,7 +96,8 @@ def write_urls(path: Path, server: ScrapeServer, spec: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def server():
-    with ScrapeServer(build_routes(max_bytes=MAX_BYTES), MAX_BYTES) as s:
+    routes = {**build_routes(max_bytes=MAX_BYTES), **format_routes()}
+    with ScrapeServer(routes, MAX_BYTES) as s:
         yield s
 
 
@@ -190,8 +195,14 @@ def test_special_modes_are_converted_properly(scraped, server):
     assert 30 < mean < 220, "16-bit scaled to 8-bit, not clipped to white"
     naive = Image.open(io.BytesIO(build_routes()["/gray16.png"][2])).convert("RGB").convert("L")
     assert min(naive.getdata()) == 255  # what a plain PIL convert does to it
+    # pixels against independent references: the RGB image the CMYK file was made from, and the EXIF
+    # image rotated 90 degrees clockwise by numpy (orientation 6), both resized like the scraper does
     im, _ = _kept_image(result, server, "daisy", "/cmyk.jpg")
-    assert im.mode == "RGB"
+    assert im.mode == "RGB" and mean_abs_diff(im, pattern(107)) < 8, "CMYK colours kept, not inverted"
+    assert mean_abs_diff(im, Image.fromarray(255 - np.asarray(pattern(107)))) > 60
+    im, e = _kept_image(result, server, "horse", "/exif.jpg")
+    clockwise = Image.fromarray(np.rot90(np.asarray(pattern(104)), k=-1).copy())
+    assert mean_abs_diff(im, clockwise) < 8 and mean_abs_diff(im, clockwise.rotate(180)) > 20
 
 
 def test_split_is_seeded_and_has_no_duplicate_across_train_and_valid(scraped):
@@ -500,3 +511,350 @@ def test_recipe_smoke_trains_on_scraped_data(scraped, tmp_path):
     made = {p.suffix for p in out.rglob("*") if p.is_file()}
     assert made & {".pkl", ".pth", ".pt", ".safetensors", ".json", ".md", ".html"}, made
 
+
+
+# ---------------------------------------------------------------- pixels, formats, limits, resume
+
+def mean_abs_diff(im: Image.Image, ref: Image.Image) -> float:
+    """Mean absolute RGB difference (0-255) between `im` and `ref` resized to im's size."""
+    ref = ref.convert("RGB").resize(im.size, Image.Resampling.BILINEAR)
+    return float(np.abs(np.asarray(im.convert("RGB"), np.int16) - np.asarray(ref, np.int16)).mean())
+
+
+# pure CMYK inks (0-255 each) and the RGB a print of them shows: R = 255 - C - K, G = 255 - M - K, ...
+CMYK_BLOCKS = [((255, 0, 0, 0), (0, 255, 255)), ((0, 255, 0, 0), (255, 0, 255)),
+               ((0, 0, 255, 0), (255, 255, 0)), ((0, 0, 0, 255), (0, 0, 0)),
+               ((0, 0, 0, 0), (255, 255, 255)), ((0, 255, 255, 0), (255, 0, 0))]
+BLOCK = 32  # px, side of each colour block (a multiple of JPEG's 16 px MCU: flat blocks decode flat)
+
+
+def block_image(colours, mode: str, per_row: int = 3) -> Image.Image:
+    """Blocks of flat colour, row by row, `per_row` to a row."""
+    rows = -(-len(colours) // per_row)
+    im = Image.new(mode, (per_row * BLOCK, rows * BLOCK))
+    for i, c in enumerate(colours):
+        x, y = (i % per_row) * BLOCK, (i // per_row) * BLOCK
+        im.paste(c, (x, y, x + BLOCK, y + BLOCK))
+    return im
+
+
+def block_centres(im: Image.Image, n: int, per_row: int = 3) -> list[tuple[int, ...]]:
+    return [im.getpixel(((i % per_row) * BLOCK + BLOCK // 2, (i // per_row) * BLOCK + BLOCK // 2))
+            for i in range(n)]
+
+
+def close_colours(got, want, tol=12) -> bool:
+    return all(abs(a - b) <= tol for g, w in zip(got, want) for a, b in zip(g, w))
+
+
+def save(tmp_path, data: bytes, name="x.img") -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_cmyk_jpeg_gives_the_colours_of_its_inks(tmp_path):
+    """Pillow stores CMYK JPEGs the Adobe way (inverted, APP14 marker), as Photoshop does."""
+    data = encode(block_image([c for c, _ in CMYK_BLOCKS], "CMYK"), quality=95)
+    assert b"Adobe" in data[:200]
+    out = normalise_image(save(tmp_path, data), min_size=8)
+    assert out.status == "ok" and "CMYK->RGB" in out.notes
+    with Image.open(io.BytesIO(out.data)) as im:
+        got = block_centres(im, len(CMYK_BLOCKS))
+    assert close_colours(got, [rgb for _, rgb in CMYK_BLOCKS]), got
+
+
+RED, GREEN, GREY = (230, 20, 20), (20, 200, 20), (128, 128, 128)
+# EXIF orientation -> display corners of the stored top-left (red) and top-right (green) marks.
+# 2: mirrored left-right, 3: turned 180, 4: mirrored top-bottom, 5: transposed, 6: turned 90 clockwise,
+# 7: transversed, 8: turned 90 anticlockwise (EXIF 2.3, tag 0x0112)
+ORIENTED = {1: ("tl", "tr"), 2: ("tr", "tl"), 3: ("br", "bl"), 4: ("bl", "br"),
+            5: ("tl", "bl"), 6: ("tr", "br"), 7: ("br", "tr"), 8: ("bl", "tl")}
+
+
+def marked_jpeg(orientation: int, w=96, h=64, mark=24) -> bytes:
+    """Grey, stored w x h, red mark at the stored top-left, green at the stored top-right."""
+    a = np.full((h, w, 3), GREY, np.uint8)
+    a[:mark, :mark], a[:mark, -mark:] = RED, GREEN
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    return encode(im, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def corner(im: Image.Image, name: str, inset=8) -> tuple[int, ...]:
+    x = inset if name[1] == "l" else im.width - 1 - inset
+    y = inset if name[0] == "t" else im.height - 1 - inset
+    return im.getpixel((x, y))
+
+
+@pytest.mark.parametrize("orientation", list(ORIENTED))
+def test_exif_orientation_puts_pixels_where_a_viewer_shows_them(tmp_path, orientation):
+    out = normalise_image(save(tmp_path, marked_jpeg(orientation), "o.jpg"), min_size=8)
+    assert out.status == "ok"
+    turned = orientation >= 5
+    assert (out.width, out.height) == ((64, 96) if turned else (96, 64)) and out.orig_size == (out.width, out.height)
+    assert ("EXIF rotation applied" in out.notes) == (orientation != 1)
+    with Image.open(io.BytesIO(out.data)) as im:
+        assert im.getexif().get(0x0112, 1) == 1, "rotated pixels must not carry the rotation tag again"
+        red, green = ORIENTED[orientation]
+        corners = {c: corner(im, c) for c in ("tl", "tr", "bl", "br")}
+    want = {c: RED if c == red else GREEN if c == green else GREY for c in corners}
+    assert close_colours([corners[c] for c in corners], [want[c] for c in corners], tol=30), corners
+
+
+def big_endian_tiff(a: np.ndarray) -> bytes:
+    """An uncompressed 8-bit greyscale TIFF in Motorola byte order ('MM\\0*'), written by hand."""
+    h, w = a.shape
+    tags = [(256, w), (257, h), (258, 8), (259, 1), (262, 1), (273, None), (277, 1), (278, h), (279, w * h)]
+    data_at = 8 + 2 + 12 * len(tags) + 4
+    ifd = struct.pack(">H", len(tags))
+    for tag, value in tags:  # all SHORT (3) except the strip offset and byte count, LONG (4)
+        if tag in (273, 279):
+            ifd += struct.pack(">HHII", tag, 4, 1, data_at if value is None else value)
+        else:
+            ifd += struct.pack(">HHIHH", tag, 3, 1, value, 0)
+    return b"MM\x00*" + struct.pack(">I", 8) + ifd + struct.pack(">I", 0) + a.astype(np.uint8).tobytes()
+
+
+FORMAT_COLOURS = [RED, GREEN, (20, 20, 220), (250, 250, 250)]
+GREY_LEVELS = [(30,) * 3, (90,) * 3, (160,) * 3, (230,) * 3]
+
+
+def format_files() -> dict[str, tuple[str, bytes, list]]:
+    """name -> (format its first bytes name, bytes, block colours), each under a misleading name."""
+    rgb = block_image(FORMAT_COLOURS, "RGB", per_row=2)
+    grey = block_image([g[:1] for g in GREY_LEVELS], "L", per_row=2)
+    return {
+        "/fmt/webp.jpg": ("WEBP", encode(rgb, "WEBP", lossless=True), FORMAT_COLOURS),
+        "/fmt/bmp.png": ("BMP", encode(rgb, "BMP"), FORMAT_COLOURS),
+        "/fmt/tiff-le.jpg": ("TIFF", encode(rgb, "TIFF"), FORMAT_COLOURS),
+        "/fmt/tiff-be.gif": ("TIFF", big_endian_tiff(np.asarray(grey)), GREY_LEVELS),
+        "/fmt/gif87.jpg": ("GIF", b"GIF87a" + encode(rgb, "GIF")[6:], FORMAT_COLOURS),
+        "/fmt/png.jpg": ("PNG", encode(rgb, "PNG"), FORMAT_COLOURS),
+    }
+
+
+def format_routes() -> dict:
+    """The format files, served as text/html: only their first bytes say what they are."""
+    return {path: (200, {"Content-Type": "text/html"}, data) for path, (_, data, _) in format_files().items()}
+
+
+@pytest.mark.parametrize("path", list(format_files()))
+def test_format_comes_from_the_first_bytes_and_decodes_to_its_pixels(server, tmp_path, path):
+    fmt, data, colours = format_files()[path]
+    assert scrape_fetch.sniff_format(data[:16]) == fmt
+    r = scrape_fetch.fetch_url(server.url(path), tmp_path)
+    assert (r.status, r.fmt) == ("ok", fmt) and r.path.read_bytes() == data
+    out = normalise_image(r.path, min_size=8)
+    assert out.status == "ok"
+    if colours is not None:
+        with Image.open(io.BytesIO(out.data)) as im:
+            assert close_colours(block_centres(im, 4, per_row=2), colours), path
+
+
+@pytest.mark.parametrize("head", [b"RIFF\x24\x00\x00\x00WAVEfmt ", b"RIFF", b"II*", b"MM\x00+\x00\x08",
+                                  b"GIF88a", b"\x89PNG\r\n", b"\xff\xd8", b"", b"<html><body>"])
+def test_near_miss_signatures_are_not_images(head):
+    assert scrape_fetch.sniff_format(head) is None
+
+
+def test_bmp_signature_with_garbage_is_rejected_not_crashed(tmp_path):
+    out = normalise_image(save(tmp_path, b"BM" + b"\x00junk" * 40))
+    assert out.status in ("not_image", "corrupt") and out.reason and not out.data
+
+
+def test_pixel_cap_and_size_limits_are_inclusive_bounds(tmp_path):
+    p = save(tmp_path, encode(pattern(5, size=(80, 60)), "PNG"), "p.png")
+    assert normalise_image(p, max_pixels=80 * 60, min_size=8).status == "ok"  # exactly at the cap
+    assert normalise_image(p, max_pixels=80 * 60 - 1, min_size=8).status == "bomb"
+    assert normalise_image(p, min_size=60).status == "ok"  # shorter side exactly min_size
+    assert normalise_image(p, min_size=61).status == "too_small"
+    at = normalise_image(p, max_size=80, min_size=8)
+    assert (at.width, at.height) == (80, 60) and "resized" not in at.notes
+    down = normalise_image(p, max_size=79, min_size=8)
+    assert (down.width, down.height) == (79, 59) and "resized from 80x60" in down.notes
+    assert down.orig_size == (80, 60)
+    small = normalise_image(p, min_size=100)
+    assert small.orig_size == (80, 60) and "80x60" in small.reason
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped():
+    a16 = np.array([[0, 257, 32896, 65535]], np.uint16)  # 0, 1, 128, 255 in 8 bits
+    got = np.asarray(_to_rgb(Image.fromarray(a16), []))[0, :, 0]
+    assert got.tolist() == [0, 1, 128, 255]
+    a32 = Image.fromarray(np.array([[0, 257, 32896, 65535]], np.int32), "I")
+    assert np.asarray(_to_rgb(a32, []))[0, :, 0].tolist() == [0, 1, 128, 255]
+    f = Image.fromarray(np.array([[-1.0, 0.0, 1.0, 3.0]], np.float32), "F")  # no fixed range: stretched
+    notes = []
+    assert np.asarray(_to_rgb(f, notes))[0, :, 0].tolist() == [0, 64, 128, 255]
+    assert notes == ["16-bit->8-bit", "L->RGB"]
+    flat = Image.fromarray(np.full((1, 3), 7.5, np.float32), "F")  # constant: no division by zero
+    assert np.asarray(_to_rgb(flat, []))[0, :, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_transparent_pixels_become_white_opaque_ones_keep_their_colour(mode):
+    a = np.zeros((2, 2, 4), np.uint8)
+    a[0, 0] = (200, 40, 40, 255)  # opaque red
+    a[0, 1] = (200, 40, 40, 0)  # fully transparent
+    a[1, 0] = (0, 0, 0, 128)  # half-transparent black over white -> mid grey
+    im = Image.fromarray(a, "RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    elif mode == "PA":
+        im = im.convert("RGB").quantize(8).convert("PA")
+        im.putalpha(Image.fromarray(a[..., 3]))
+    notes = []
+    out = np.asarray(_to_rgb(im, notes)).astype(int)
+    assert "alpha on white" in notes and out.shape == (2, 2, 3)
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert abs(out[1, 0] - 127).max() <= 2
+    if mode == "RGBA":
+        assert out[0, 0].tolist() == [200, 40, 40]
+    assert out[0, 0].min() < 200  # not washed out to white
+
+
+def test_palette_without_transparency_keeps_its_colours():
+    im = block_image(FORMAT_COLOURS, "RGB", per_row=2).quantize(8)
+    notes = []
+    out = _to_rgb(im, notes)
+    assert out.mode == "RGB" and notes == ["palette->RGB"]
+    assert close_colours(block_centres(out, 4, per_row=2), FORMAT_COLOURS, tol=4)
+
+
+def test_phash_distance_counts_differing_bits():
+    assert phash_distance("0" * 16, "0" * 16) == 0
+    assert phash_distance("0" * 15 + "1", "0" * 16) == 1
+    assert phash_distance("ffff000000000000", "0000000000000000") == 16
+    assert phash_distance("f" * 16, "0" * 16) == 64
+    assert phash_distance("a" * 16, "5" * 16) == 64  # 1010 vs 0101 in every digit
+
+
+class FakeClock:
+    """Stands in for scrape_fetch's `time`: each monotonic() reading is `step` s after the last one."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_max_seconds_stops_a_download_that_trickles_on(server, tmp_path, monkeypatch):
+    """Every read arrives within --timeout, but the whole body takes longer than --max-seconds."""
+    monkeypatch.setattr(scrape_fetch, "CHUNK", 512)  # a ~4.5 KB image arrives in ~9 reads
+    monkeypatch.setattr(scrape_fetch, "time", SimpleNamespace(monotonic=FakeClock(1.0).monotonic))
+    url = server.url("/good/daisy/2.jpg")
+    sleeps = Sleeps()
+    r = scrape_fetch.fetch_url(url, tmp_path, max_seconds=3.5, retries=1, backoff=0.25, sleep=sleeps)
+    assert (r.status, r.attempts) == ("timeout", 2) and "took over 3.5 s" in r.reason
+    assert sleeps == [0.25] and list(tmp_path.iterdir()) == []  # transient: retried; no partial file
+    body = build_routes()["/good/daisy/2.jpg"][2]
+    assert len(body) > 6 * 512
+    ok = scrape_fetch.fetch_url(url, tmp_path, max_seconds=1000, sleep=sleeps)
+    assert ok.status == "ok" and ok.path.read_bytes() == body
+
+
+def test_max_seconds_reaches_the_download_from_the_config(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(scrape_fetch, "CHUNK", 512)
+    monkeypatch.setattr(scrape_fetch, "time", SimpleNamespace(monotonic=FakeClock(1.0).monotonic))
+    urls = write_urls(tmp_path / "u.json", server, {"horse": ["/good/horse/2.jpg"]})
+    result = scrape_dataset(small_cfg(tmp_path / "d", from_urls=urls, max_seconds=3, min_per_class=0),
+                            sleep=Sleeps())
+    assert [(e.status, "took over 3 s" in e.reason) for e in result.entries] == [("timeout", True)]
+
+
+def refused_url() -> str:
+    """A loopback URL nothing listens on (a port just bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/x.jpg"
+
+
+def test_network_errors_are_transient_and_retried(server, tmp_path, monkeypatch):
+    sleeps = Sleeps()
+    r = scrape_fetch.fetch_url(refused_url(), tmp_path, retries=2, backoff=0.5, sleep=sleeps)
+    assert (r.status, r.attempts) == ("network_error", 3) and "refused" in r.reason.lower()
+    assert "after 3 attempts" in r.reason and sleeps == [0.5, 1.0]  # exponential backoff
+
+    def reset_midway(resp):
+        yield resp.read(100)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(scrape_fetch, "_read_chunks", reset_midway)
+    r = scrape_fetch.fetch_url(server.url("/good/daisy/3.jpg"), tmp_path, retries=1, sleep=sleeps)
+    assert (r.status, r.attempts) == ("network_error", 2) and "ConnectionResetError" in r.reason
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_retries_a_network_error_and_keeps_the_rest(server, tmp_path, monkeypatch):
+    spec = {"daisy": ["/good/daisy/2.jpg", "/good/daisy/3.jpg", "/good/daisy/4.jpg"]}
+    urls = write_urls(tmp_path / "u.json", server, spec)
+    cfg = small_cfg(tmp_path / "d", from_urls=urls, min_per_class=0)
+    real = scrape_fetch._read_chunks
+
+    def reset_one(resp):
+        if resp.url.endswith("/3.jpg"):
+            raise ConnectionResetError(104, "Connection reset by peer")
+        yield from real(resp)
+
+    monkeypatch.setattr(scrape_fetch, "_read_chunks", reset_one)
+    first = scrape_dataset(cfg, sleep=Sleeps())
+    assert [e.status for e in first.entries] == ["ok", "network_error", "ok"]
+    monkeypatch.setattr(scrape_fetch, "_read_chunks", real)
+    before = server.hits.copy()
+    second = scrape_dataset(cfg, sleep=Sleeps())
+    assert dict(server.hits - before) == {"/good/daisy/3.jpg": 1} and second.n_fetched == 1
+    assert [e.status for e in second.entries] == ["ok", "ok", "ok"]
+    assert [e.path for e in second.entries][::2] == [e.path for e in first.entries][::2]
+
+
+def test_resume_retries_a_timed_out_url_with_a_longer_timeout(server, tmp_path):
+    spec = {"horse": ["/good/horse/3.jpg", "/slow.jpg", "/good/horse/4.jpg"]}
+    urls = write_urls(tmp_path / "u.json", server, spec)
+    cfg = small_cfg(tmp_path / "d", from_urls=urls, retries=0, min_per_class=0)
+    first = scrape_dataset(cfg, sleep=Sleeps())
+    assert [e.status for e in first.entries] == ["ok", "timeout", "ok"]
+    before = server.hits.copy()
+    second = scrape_dataset(replace(cfg, timeout=10.0), sleep=Sleeps())  # timeout is no image setting
+    assert dict(server.hits - before) == {"/slow.jpg": 1} and second.n_fetched == 1
+    assert [e.status for e in second.entries] == ["ok", "ok", "ok"]
+    assert (cfg.dest / second.entries[1].path).is_file()
+
+
+@pytest.mark.parametrize("change, status", [
+    (dict(min_size=100), "too_small"),  # the good images are 120x90
+    (dict(max_pixels=120 * 90 - 1), "bomb"),
+    (dict(max_bytes=2_000), "too_large"),  # the good images are ~4.5 KB
+])
+def test_each_image_setting_reprocesses_on_resume(server, tmp_path, change, status):
+    good = [f"/good/horse/{i}.jpg" for i in range(3)]
+    urls = write_urls(tmp_path / "u.json", server, {"horse": good + ["/tiny.png"]})
+    cfg = small_cfg(tmp_path / "d", from_urls=urls, max_size=128, min_per_class=0)
+    assert [e.status for e in scrape_dataset(cfg, sleep=Sleeps()).entries] == ["ok"] * 3 + ["too_small"]
+    strict = scrape_dataset(replace(cfg, **change), sleep=Sleeps())
+    assert strict.n_fetched == 4 and [e.status for e in strict.entries][:3] == [status] * 3
+    assert list(cfg.dest.rglob("*.jpg")) == []  # images no longer kept are removed
+    back = scrape_dataset(cfg, sleep=Sleeps())  # the earlier settings again: processed again
+    assert back.n_fetched == 4 and [e.status for e in back.entries] == ["ok"] * 3 + ["too_small"]
+
+
+def test_a_lower_min_size_rescues_an_image_rejected_as_too_small(server, tmp_path):
+    urls = write_urls(tmp_path / "u.json", server, {"horse": ["/tiny.png", "/good/horse/5.jpg"]})
+    cfg = small_cfg(tmp_path / "d", from_urls=urls, min_per_class=0)
+    assert [e.status for e in scrape_dataset(cfg, sleep=Sleeps()).entries] == ["too_small", "ok"]
+    relaxed = scrape_dataset(replace(cfg, min_size=16), sleep=Sleeps())
+    assert [e.status for e in relaxed.entries] == ["ok", "ok"] and relaxed.entries[0].width == 20
+
+
+@pytest.mark.parametrize("change", [dict(timeout=3.0), dict(workers=1), dict(valid_pct=0.5), dict(seed=1),
+                                    dict(retries=0), dict(max_seconds=30.0), dict(near_dup_bits=2)])
+def test_settings_that_do_not_change_images_reuse_the_downloads(server, tmp_path, change):
+    urls = write_urls(tmp_path / "u.json", server, {"horse": [f"/good/horse/{i}.jpg" for i in range(3)]})
+    cfg = small_cfg(tmp_path / "d", from_urls=urls, min_per_class=0)
+    first = scrape_dataset(cfg, sleep=Sleeps())
+    again = scrape_dataset(replace(cfg, **change), sleep=Sleeps())
+    assert again.n_fetched == 0 and [e.sha256 for e in again.entries] == [e.sha256 for e in first.entries]

@@ -45,8 +45,55 @@ def test_other_input_sizes_and_channels():
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 3)  # adaptive pool keeps FC sizes
 
 
+# The seed CIFAR-10 project's four networks (issue 16): one conv per block, no BatchNorm.
+# Parameters by hand: conv 3x3 = 9*c_in*c_out + c_out, linear = n_in*n_out + n_out; 8x8 maps after 2 pools.
+SEED_NETS = {
+    "#1": (dict(channels=(64, 128), fc=(1024,)),
+           9 * 3 * 64 + 64 + 9 * 64 * 128 + 128 + 8192 * 1024 + 1024 + 1024 * 10 + 10),  # 8,475,530
+    "#2": (dict(channels=(128, 128), fc=(4096,)),
+           9 * 3 * 128 + 128 + 9 * 128 * 128 + 128 + 8192 * 4096 + 4096 + 4096 * 10 + 10),  # 33,750,666
+    "#3": (dict(channels=(64, 128), fc=(1024, 1024)),
+           9 * 3 * 64 + 64 + 9 * 64 * 128 + 128 + 8192 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10),
+    "#4": (dict(channels=(64, 128), fc=(1024, 1024), dropout=0.65), None),  # = #3's count
+}
+SEED_NETS["#4"] = (SEED_NETS["#4"][0], SEED_NETS["#3"][1])
+
+
+@pytest.mark.parametrize("name", sorted(SEED_NETS))
+def test_seed_networks_exact_layers_and_parameter_count(name):
+    kw, n_params = SEED_NETS[name]
+    model = small_cnn(10, convs_per_block=1, bn=False, **kw)
+    body, head = model
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    c1, c2 = kw["channels"]
+    # each block: conv (with bias: no BN to absorb it) -> ReLU -> 2x2 max-pool; two conv layers in all
+    assert [[type(m) for m in block] for block in body] == [[nn.Conv2d, nn.ReLU, nn.MaxPool2d]] * 2
+    assert [(b[0].in_channels, b[0].out_channels, b[0].kernel_size, b[0].padding, b[0].bias is not None)
+            for b in body] == [(3, c1, (3, 3), (1, 1), True), (c1, c2, (3, 3), (1, 1), True)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    fc = [m for m in head if isinstance(m, nn.Linear)]
+    sizes = [c2 * 8 * 8, *kw["fc"], 10]
+    assert [(lin.in_features, lin.out_features) for lin in fc] == list(zip(sizes[:-1], sizes[1:]))
+    drops = [m.p for m in head if isinstance(m, nn.Dropout)]
+    assert drops == ([0.65, 0.65] if name == "#4" else [])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("convs,bn", [(1, True), (2, False), (3, True)])
+def test_convs_per_block_and_bn(convs, bn):
+    body = small_cnn(10, channels=(8, 16), fc=(), convs_per_block=convs, bn=bn)[0]
+    for block, c in zip(body, (8, 16)):
+        convs_here = [m for m in block if isinstance(m, nn.Conv2d)]
+        assert [conv.out_channels for conv in convs_here] == [c] * convs
+        assert all((conv.bias is None) == bn for conv in convs_here)  # bias is redundant before BN
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in block) == (convs if bn else 0)
+        assert isinstance(block[-1], nn.MaxPool2d)
+
+
 @pytest.mark.parametrize("kw,word", [(dict(channels=()), "channels"), (dict(dropout=1.0), "dropout"),
-                                     (dict(fc=(0,)), "fc"), (dict(size=2), "size")])
+                                     (dict(fc=(0,)), "fc"), (dict(size=2), "size"),
+                                     (dict(convs_per_block=0), "convs_per_block"),
+                                     (dict(convs_per_block=1.5), "convs_per_block")])
 def test_bad_arguments(kw, word):
     with pytest.raises(ValueError, match=word):
         small_cnn(10, **kw)

@@ -1,0 +1,167 @@
+"""One process of the two-process CPU runs in test_distributed.py (started there through torchrun).
+
+    torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR [train|kill|stall]
+    torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR recipe DATA_DIR RUN_DIR
+
+Trains the tiny 3-group CNN of _tiny.py inside ``distrib_ctx``: find_lr, the head on precomputed
+activations (with an on-disk cache), SGDR with fastlesson's EarlyStopping and NonFiniteGuard, then
+get_preds. Each process writes what it saw to OUT_DIR/rank<r>.json and its weights to rank<r>.pt (test
+outputs, outside the watched folder). An audit hook records every file the process creates or renames
+under OUT_DIR/watched, where the library writes (the precompute cache). Mode ``kill``: rank 1 kills
+itself (SIGKILL) in the second batch of SGDR training; ``stall``: it sleeps there instead. Mode
+``recipe``: ``scripts/recipe.py --smoke`` on DATA_DIR into RUN_DIR, the audit hook watching RUN_DIR; each
+process writes its exit status and what it wrote to OUT_DIR/rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import runpy
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+
+from fastlesson.callbacks import EarlyStopping, NonFiniteGuard
+from fastlesson.distributed import (
+    distrib_ctx,
+    init_distributed,
+    rank,
+    teardown_distributed,
+    world_size,
+)
+from fastlesson.finder import find_lr
+from fastlesson.precompute import clear_memory_cache, precompute_head, precompute_learner
+from fastlesson.schedule import fit_sgdr
+
+from _tiny import make_tiny_learner, synthetic_dsets
+
+N_TRAIN, N_VALID, BS = 64, 32, 8  # items, items, items per process and batch
+
+
+def _watch(root: Path, events: list) -> None:
+    """Record file creations/renames/removals under `root` (Python-level, which atomic_write goes through)."""
+    root_s = str(root.resolve())
+
+    def hook(event, args):
+        if event == "open" and args and isinstance(args[0], (str, os.PathLike)):
+            mode, flags = args[1], args[2] if len(args) > 2 else 0
+            writes = (mode is not None and any(c in str(mode) for c in "wax+")) or (
+                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            paths = [args[0]] if writes else []
+        elif event in ("os.rename", "os.remove", "os.mkdir"):
+            paths = [a for a in args[:2] if isinstance(a, (str, os.PathLike))]
+        else:
+            return
+        for p in paths:
+            if str(Path(os.fspath(p)).absolute()).startswith(root_s):
+                events.append(f"{event} {os.fspath(p)}")
+
+    sys.addaudithook(hook)
+
+
+class SeenItems(Callback):
+    """Per training epoch, the fingerprint (sum of pixels) of every item this process trained on."""
+
+    order, run_valid = 0, False
+
+    def __init__(self):
+        self.epochs = []
+
+    def before_train(self):
+        self.epochs.append([])
+
+    def before_batch(self):
+        self.epochs[-1] += self.xb[0].detach().sum((1, 2, 3)).tolist()
+
+
+class Rank1Fails(Callback):
+    """At its second training batch rank 1 dies (SIGKILL, no cleanup) or stalls (sleeps for 10 minutes)."""
+
+    def __init__(self, how: str):
+        self.how = how
+
+    def before_batch(self):
+        if self.training and rank() == 1 and self.iter == 1:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)
+
+
+def _indices(sums: list, ref: torch.Tensor) -> list:
+    """Map item fingerprints back to dataset indices (nearest; the distance is checked in the test)."""
+    s = torch.tensor(sums, dtype=ref.dtype)
+    return (s[:, None] - ref[None]).abs().argmin(1).tolist()
+
+
+def main(out: Path, mode: str) -> None:
+    watched = out / "watched"
+    events: list = []
+    _watch(watched, events)
+    init_distributed()
+    r = rank()
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    learn = make_tiny_learner(n_train=N_TRAIN, n_valid=N_VALID, bs=BS)
+    learn.remove_cbs([c for c in learn.cbs if isinstance(c, ProgressCallback)])  # quiet logs
+    train_ds, _ = synthetic_dsets(N_TRAIN, N_VALID)
+    ref_sums = train_ds.tensors[0].sum((1, 2, 3))
+    seen = SeenItems()
+    with torch.no_grad():  # the body pass in one process over all the data, for the gathered shards
+        ref_x = learn.model[0].eval()(train_ds.tensors[0])
+    learn.model.train()
+    n_body = [0]
+    with distrib_ctx(learn):
+        lrf = find_lr(learn, num_it=30)
+        clear_memory_cache()
+        hook = learn.model[0].register_forward_hook(lambda m, i, o: n_body.__setitem__(0, n_body[0] + len(i[0])))
+        head_learn = precompute_learner(learn, cache_dir=watched / "cache", bs=BS)
+        hook.remove()
+        head = precompute_head(learn, 1, lr_max=1e-2, head_learn=head_learn)
+        learn.add_cb(seen)
+        es = EarlyStopping(patience=5, restore_best_weights=True)
+        extra = [Rank1Fails(mode)] if mode in ("kill", "stall") else []
+        fit_sgdr(learn, n_cycles=2, cycle_len=1, cycle_mult=1, lr_max=1e-2, cbs=[es, NonFiniteGuard(), *extra])
+        preds, targs = learn.get_preds()
+    torch.save({k: v.detach().cpu() for k, v in learn.model.state_dict().items()}, out / f"rank{r}.pt")
+    seen_idx = [_indices(ep, ref_sums) for ep in seen.epochs]
+    seen_err = max(float((torch.tensor(ep) - ref_sums[idx]).abs().max()) for ep, idx in zip(seen.epochs, seen_idx))
+    report = {
+        "rank": r, "world_size": world_size(), "lr": lrf.suggestion, "lr_losses": lrf.losses.tolist(),
+        "lr_stop": lrf.stop_reason, "seen": seen_idx, "seen_match_err": seen_err, "n_body_items": n_body[0],
+        "features_close": bool(torch.allclose(head_learn.features.train_x, ref_x, atol=1e-5)),
+        "n_features": len(head_learn.features.train_x), "head_accuracy": head.accuracy,
+        "n_preds": len(preds), "targets": targs.tolist(), "preds_sum": float(preds.sum()),
+        "es_best_epoch": es.best_epoch, "events": events,
+    }
+    (out / f"rank{r}.json").write_text(json.dumps(report))
+    teardown_distributed()
+
+
+def recipe(out: Path, data: str, run: Path) -> None:
+    """scripts/recipe.py --smoke, as torchrun starts it in every process."""
+    events: list = []
+    _watch(run, events)
+    sys.argv = ["scripts/recipe.py", "--data", data, "--smoke", "--out", str(run)]
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "recipe.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    (out / f"rank{rank()}.json").write_text(json.dumps({"rank": rank(), "exit": code, "events": events}))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    if sys.argv[2:3] == ["recipe"]:
+        recipe(Path(sys.argv[1]), sys.argv[3], Path(sys.argv[4]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "train")

@@ -1,0 +1,131 @@
+"""The time budget's planning on injected (measured) times: no clock is read here."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from fastlesson.budget import SAFETY, Timings, estimate_timings, plan_budget
+
+# seconds, shaped like flowers102-small (lite0, 160 px, 2 CPU cores)
+T = Timings(spent=60.0, precompute_epoch=3.0, head_epoch=45.0, lr_find_full=60.0, full_epoch=100.0, valid=10.0,
+            finish=40.0)
+
+
+def _total(plan) -> float:
+    return sum(plan.parts_s.values())
+
+
+def test_minimal_budget_error_names_the_shortest_that_works():
+    minimal = T.spent + T.precompute_epoch + T.head_epoch + T.lr_find_full + T.full_epoch + T.valid + T.finish
+    with pytest.raises(ValueError, match=r"budget=4\.0 min is too short.*needs about (\d+\.\d) min") as e:
+        plan_budget(4 * 60, T, precompute_epochs=8, head_cycles=2)
+    need = float(e.value.args[0].split("--budget ")[1].split()[0])
+    assert need * 60 >= minimal / SAFETY > (need - 0.1) * 60
+    plan = plan_budget(need * 60, T, precompute_epochs=8, head_cycles=2)  # that budget does work
+    assert plan.full_cycles == [1] and plan.head_cycles >= 1
+
+
+@pytest.mark.parametrize("minutes", [6, 8, 12, 20, 40])
+def test_plan_fits_the_budget_and_uses_it(minutes):
+    plan = plan_budget(minutes * 60, T, precompute_epochs=8, head_cycles=2)
+    assert _total(plan) == pytest.approx(plan.planned_s)
+    assert plan.planned_s <= SAFETY * minutes * 60
+    assert plan.planned_s > 0.9 * SAFETY * minutes * 60  # and uses most of it
+    assert all(isinstance(n, int) and n >= 1 for n in plan.full_cycles)
+
+
+def test_more_budget_buys_more_step8_cycles_then_more_head_cycles():
+    plans = [plan_budget(m * 60, T, precompute_epochs=8, head_cycles=2) for m in (6, 12, 20, 40)]
+    epochs = [sum(p.full_cycles) for p in plans]
+    assert epochs == sorted(epochs) and epochs[0] < epochs[-1]
+    big = plans[-1]
+    assert big.full_cycles[:3] == [1, 2, 4]  # doubling SGDR cycles (cycle_mult=2) first
+    assert big.precompute_epochs == 8 and big.head_cycles >= 2
+    tight = plan_budget(6 * 60, T, precompute_epochs=8, head_cycles=2)
+    assert tight.full_cycles[0] == 1 and tight.head_cycles <= 2
+
+
+def test_tight_budget_cuts_head_epochs_first_in_reverse():
+    # room for the minimal recipe plus a few precompute epochs, not for a second head cycle
+    budget = (T.spent + 3 * T.precompute_epoch + T.head_epoch + T.lr_find_full + T.full_epoch + T.valid
+              + T.finish + 1) / SAFETY
+    plan = plan_budget(budget, T, precompute_epochs=8, head_cycles=2)
+    assert (plan.precompute_epochs, plan.head_cycles, plan.full_cycles) == (3, 1, [1])
+
+
+def test_last_cycle_may_be_shorter_to_fill_the_budget():
+    t = Timings(spent=0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=10, valid=0, finish=0)
+    plan = plan_budget(60 / SAFETY, t, precompute_epochs=1, head_cycles=1, head_fixed=True)
+    assert plan.full_cycles == [1, 2, 3]  # 1 + 2 + 4 = 7 epochs would not fit 6; 1 + 2 + 3 does
+
+
+def test_step8_replan_never_raises_and_keeps_one_cycle():
+    late = Timings(spent=10_000, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=100, valid=10,
+                   finish=40)
+    plan = plan_budget(60, late, precompute_epochs=2, head_cycles=1, head_fixed=True)
+    assert plan.full_cycles == [1] and (plan.precompute_epochs, plan.head_cycles) == (2, 1)
+
+
+def test_valid_every_epoch_costs_a_validation_per_epoch():
+    t = Timings(spent=0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=10, valid=5, finish=0)
+    ends = plan_budget(42 / SAFETY, t, 1, 1, head_fixed=True)  # 1 + 2 epochs, 2 validations: 40 s
+    every = plan_budget(42 / SAFETY, t, 1, 1, valid_every_epoch=True, head_fixed=True)
+    assert sum(ends.full_cycles) == 3 and sum(every.full_cycles) < 3
+
+
+def test_estimates_prefer_measured_times():
+    m = {"spent": 30.0, "body_pass": 40.0, "head_batch": 0.01}
+    before = estimate_timings(m, n_train_batches=30, n_valid_batches=10, n_train=960, n_valid=320,
+                              precompute=True, lr_find_iters=100, tta_passes=5)
+    assert before.valid == pytest.approx(10.0) and before.precompute_epoch == pytest.approx(0.4)
+    assert before.full_epoch > before.head_epoch - before.valid  # an unfrozen epoch costs more
+    after = estimate_timings({**m, "head_epoch_train": 33.0, "valid": 9.0, "full_batch": 3.0,
+                              "lr_find_full_done": True}, 30, 10, 960, 320, True, 100, 5)
+    assert (after.head_epoch, after.valid, after.full_epoch, after.lr_find_full) == (42.0, 9.0, 90.0, 0.0)
+
+
+def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
+    """A tiny run with a budget: the plan is printed at step 8 and recorded planned vs actual; the plan
+    itself comes from measured times (replaced here by fixed ones, so no clock decides the test)."""
+    import fastlesson.recipe as recipe
+
+    from _recipe_helpers import write_image_folder
+
+    fixed = Timings(spent=1.0, precompute_epoch=0.1, head_epoch=1.0, lr_find_full=1.0, full_epoch=1.0,
+                    valid=0.1, finish=1.0)
+    monkeypatch.setattr(recipe, "_timings", lambda state: fixed)
+    data = write_image_folder(tmp_path / "data")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = recipe.run_recipe(recipe.RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"),
+                                                    budget=0.2))  # 12 s: 1 + 2 + 4 cycles and more
+    printed = buf.getvalue()
+    head, full = printed.index("Step 8/8"), printed.index("budget plan:")
+    assert head < full < printed.index("cycle 1:")
+    b = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]
+    assert b["budget_min"] == 0.2 and b["planned"]["full_cycles"] == res.metrics["budget"]["planned"]["full_cycles"]
+    assert len(b["planned"]["full_cycles"]) >= 2 and b["actual"]["full_cycles"] >= 1
+    assert b["planned"]["precompute_epochs"] == res.config.precompute_epochs  # smoke: 1, all it asks
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Time budget" in md and "| planned |" in md and "| actual |" in md
+
+
+def test_recipe_with_a_too_short_budget_stops_before_training(tmp_path, monkeypatch):
+    import fastlesson.recipe as recipe
+
+    from _recipe_helpers import write_image_folder
+
+    slow = Timings(spent=50.0, precompute_epoch=1.0, head_epoch=100.0, lr_find_full=10, full_epoch=100.0,
+                   valid=1.0, finish=10.0)
+    monkeypatch.setattr(recipe, "_timings", lambda state: slow)
+    trained = []
+    monkeypatch.setattr(recipe, "precompute_head", lambda *a, **k: trained.append(1))
+    data = write_image_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"budget=1\.0 min is too short.*--budget 4\.8"), \
+            contextlib.redirect_stdout(io.StringIO()):
+        recipe.run_recipe(recipe.RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"), budget=1))
+    assert not trained

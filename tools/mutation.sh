@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Mutation testing with mutmut 3 (not part of CI): does the suite fail when the code is broken?
+#
+#   tools/mutation.sh                       # every module below, ~90 min on 2 cores (caps per module)
+#   tools/mutation.sh scrape_image          # one module
+#   MUTATION_CAP_S=300 tools/mutation.sh precompute   # override the time cap (s) of each module run
+#
+# Each module runs in its own scratch copy of the repo ($MUTATION_WORK/<module>, default
+# /tmp/fastlesson-mutation), with [tool.mutmut] of pyproject.toml rewritten to mutate only that module
+# and to collect only the fast test files that cover it; mutmut then runs, per mutant, only the tests
+# that call the mutated function. A module that hits its cap stops early: the summary counts the
+# mutants checked so far ("checked" < "mutants") and the score is over those.
+# Output: one line per module in $MUTATION_WORK/summary.md, and `mutmut results` (survivors, timeouts)
+# in $MUTATION_WORK/<module>/survivors.txt. Look at a survivor with
+#   cd $MUTATION_WORK/<module> && mutmut show <mutant name>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+WORK=${MUTATION_WORK:-/tmp/fastlesson-mutation}
+JOBS=${MUTATION_JOBS:-2}  # mutants tested at once (one per core)
+NICE=${MUTATION_NICE:-15}
+
+# module -> the fast test files that cover it (the recipe, notebooks and CLIs are too slow to run per mutant)
+declare -A TESTS=(
+  [finder]="tests/test_finder.py"
+  [schedule]="tests/test_schedule.py"
+  [precompute]="tests/test_precompute.py"
+  [callbacks]="tests/test_callbacks.py"
+  [export]="tests/test_export.py"
+  [data]="tests/test_data.py"
+  [scrape_image]="tests/test_scrape.py"
+  [scrape_fetch]="tests/test_scrape.py"
+)
+# module -> time cap in seconds; the caps add up to 90 minutes
+declare -A CAP_S=(
+  [finder]=720 [schedule]=600 [precompute]=840 [callbacks]=840
+  [export]=720 [data]=720 [scrape_image]=480 [scrape_fetch]=480
+)
+ORDER=(finder schedule precompute callbacks export data scrape_image scrape_fetch)
+
+mods=("$@")
+[ ${#mods[@]} -eq 0 ] && mods=("${ORDER[@]}")
+for m in "${mods[@]}"; do
+  [ -n "${TESTS[$m]:-}" ] || { echo "unknown module '$m'; choose from: ${ORDER[*]}" >&2; exit 2; }
+done
+command -v mutmut >/dev/null || { echo "mutmut not found: pip install -e '.[dev]'" >&2; exit 2; }
+
+mkdir -p "$WORK"
+summary="$WORK/summary.md"
+[ -f "$summary" ] || printf '| module | mutants | checked | killed | timeout | survived | no tests | score | minutes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n' > "$summary"
+
+for m in "${mods[@]}"; do
+  dir="$WORK/$m"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  # a clean copy: sources, tests, scripts (tests run some) and the config; no caches, no old mutants
+  tar -C "$REPO" --exclude=__pycache__ --exclude=.pytest_cache -cf - fastlesson tests scripts pyproject.toml \
+    | tar -C "$dir" -xf -
+  # one module, its tests: rewrite the two one-line keys of [tool.mutmut]
+  python3 - "$dir/pyproject.toml" "fastlesson/$m.py" ${TESTS[$m]} <<'EOF'
+import json, re, sys
+path, module, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
+text = open(path).read()
+for key, value in (("only_mutate", [module]), ("pytest_add_cli_args_test_selection", tests)):
+    text, n = re.subn(rf"^{key} = .*$", f"{key} = {json.dumps(value)}", text, flags=re.M)
+    assert n == 1, f"[tool.mutmut] {key} must be on one line in pyproject.toml"
+open(path, "w").write(text)
+EOF
+  cap=${MUTATION_CAP_S:-${CAP_S[$m]}}
+  echo "== $m: mutating fastlesson/$m.py with ${TESTS[$m]} (cap ${cap} s, $JOBS jobs)"
+  start=$(date +%s)
+  (cd "$dir" && MPLBACKEND=Agg timeout --signal=INT --kill-after=30 "$cap" \
+      nice -n "$NICE" mutmut run --max-children "$JOBS" > run.log 2>&1) || echo "   (stopped: exit $?, see $dir/run.log)"
+  minutes=$(( ($(date +%s) - start + 30) / 60 ))
+  (cd "$dir" && mutmut export-cicd-stats > /dev/null 2>&1 && mutmut results > survivors.txt 2>&1) || true
+  python3 - "$dir/mutants/mutmut-cicd-stats.json" "$m" "$minutes" >> "$summary" <<'EOF'
+import json, sys
+path, module, minutes = sys.argv[1:]
+try:
+    s = json.load(open(path))
+except (OSError, ValueError):
+    print(f"| {module} | run failed: see run.log | | | | | | | {minutes} |")
+    raise SystemExit
+checked = s["killed"] + s["timeout"] + s["survived"] + s["no_tests"] + s["suspicious"] + s["segfault"]
+score = (s["killed"] + s["timeout"]) / checked if checked else 0.0
+print(f"| {module} | {s['total']} | {checked} | {s['killed']} | {s['timeout']} | {s['survived']} "
+      f"| {s['no_tests']} | {score:.0%} | {minutes} |")
+EOF
+  tail -n 1 "$summary"
+done
+echo
+cat "$summary"
