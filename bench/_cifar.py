@@ -61,13 +61,15 @@ def split_train(x: torch.Tensor, y: torch.Tensor, train_pct: float, seed: int = 
     return (x[tr], y[tr]), (x[va], y[va])
 
 
-def make_dls(train, valid, bs: int, seed: int, test=None, eval_bs: int = 500):
-    """fastai DataLoaders over uint8 tensors (shuffled with `seed`); plus a test DataLoader when given."""
+def make_dls(train, valid, bs: int, seed: int, test=None, eval_bs: int = 500, drop_last: bool = False):
+    """fastai DataLoaders over uint8 tensors (shuffled with `seed`); plus a test DataLoader when given.
+
+    `drop_last` drops a last partial training batch (BatchNorm fails on a batch of one)."""
     torch.manual_seed(seed)
     import random
 
     random.seed(seed)  # fastai DataLoaders draw their shuffle RNG from Python's `random` at creation
-    dls = DataLoaders(DataLoader(TensorDataset(*train), bs=bs, shuffle=True, drop_last=False),
+    dls = DataLoaders(DataLoader(TensorDataset(*train), bs=bs, shuffle=True, drop_last=drop_last),
                       DataLoader(TensorDataset(*valid), bs=eval_bs), device="cpu")
     test_dl = DataLoader(TensorDataset(*test), bs=eval_bs) if test is not None else None
     return dls, test_dl
@@ -101,6 +103,15 @@ class PadCropFlip(Callback):
         flip = torch.rand(n) < 0.5
         x[flip] = x[flip].flip(3)
         self.learn.xb = (x,)
+
+
+class ChannelsLast(Callback):
+    """The batch in channels-last memory format (after any augmentation): faster CPU convolutions (1.3-1.6x
+    for small_cnn here, measured); put the model in the same format with `model.to(memory_format=...)`."""
+    order = -5
+
+    def before_batch(self):
+        self.learn.xb = (self.learn.xb[0].contiguous(memory_format=torch.channels_last),)
 
 
 class SkipValidation(Callback):

@@ -77,7 +77,7 @@ def worker(a: argparse.Namespace) -> None:
     import torch
     from fastai.callback.core import Callback
     from fastai.callback.progress import ProgressCallback
-    from fastai.callback.training import BnFreeze
+    from fastai.callback.training import BnFreeze, bn_types
     from fastai.torch_core import set_seed
 
     from fastlesson import distributed as ddp
@@ -111,6 +111,7 @@ def worker(a: argparse.Namespace) -> None:
     learn.to_channelslast(use_amp=False)
     learn.model.to(memory_format=torch.channels_last)
     freeze(learn, verbose=False)
+    body_bn = [p for m in learn.model[0].modules() if isinstance(m, bn_types) for p in m.parameters(recurse=False)]
     clock = TrainClock()
     t_all = time.perf_counter()
     with ddp.distrib_ctx(learn, sync_bn=False):
@@ -119,6 +120,8 @@ def worker(a: argparse.Namespace) -> None:
             fit_sgdr(learn, n_cycles=1, cycle_len=a.head_epochs, lr_max=a.lr_head, cbs=[clock, BnFreeze()])
         if a.full_epochs:
             freeze_to(learn, 1, verbose=False)
+            for p in body_bn:  # held, as the recipe does: BnFreeze then keeps those layers in eval mode
+                p.requires_grad_(False)
             lrs = lr_groups(learn, a.lr_full, factor=10)
             fit_sgdr(learn, n_cycles=1, cycle_len=a.full_epochs, lr_max=lrs, cbs=[clock, BnFreeze()])
         preds, targs = learn.get_preds()
@@ -162,11 +165,14 @@ def run(a: argparse.Namespace, data: Path, n: int, tmp: Path) -> dict:
     return res
 
 
-def _max_weight_diff(a: str, b: str) -> float:
+def _max_weight_diff(a: str, b: str) -> tuple[float, str]:
+    """Largest |difference| over the floating-point tensors of two state_dicts, and where it is."""
     import torch
 
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].is_floating_point())
+    diffs = {k: float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].is_floating_point()}
+    k = max(diffs, key=diffs.get)
+    return diffs[k], k
 
 
 def main(argv=None) -> None:
@@ -181,7 +187,7 @@ def main(argv=None) -> None:
         if a.per_class:
             data = subsample(data, a.per_class, tmp / "data")
         results = [run(a, data, n, tmp) for n in procs]
-        diff = _max_weight_diff(results[0]["weights"], results[-1]["weights"]) if len(results) > 1 else 0.0
+        diff, where = _max_weight_diff(results[0]["weights"], results[-1]["weights"]) if len(results) > 1 else (0.0, "")
     print(f"\nDDP on CPU: {ARCH}, {a.size} px, global batch {a.bs}, {a.head_epochs} head + {a.full_epochs} "
           f"unfrozen epoch(s), augmentation {'off' if a.no_aug else 'on'}, "
           f"{results[0]['n_train']} train / {results[0]['n_valid']} valid images")
@@ -197,7 +203,7 @@ def main(argv=None) -> None:
         print(f"accuracy difference {100 * (rn['accuracy'] - r1['accuracy']):+.1f} points; img/s ratio "
               f"{(rn['train_items'] / rn['train_seconds']) / (r1['train_items'] / r1['train_seconds']):.2f}x; "
               f"largest |weight difference| between the {r1['processes']}- and {rn['processes']}-process models "
-              f"{diff:.2e}")
+              f"{diff:.2e} ({where})")
     print(env_summary(repeats=1))
 
 

@@ -86,6 +86,8 @@ class HardExampleMining(Callback):
             return
         losses = _per_example_loss(self.learn.loss_func, self.learn.pred, *self.learn.yb)
         n = self.learn.pred.shape[0]
+        if losses.is_floating_point():  # fp16 losses: their weighted sum overflows past 65504
+            losses = losses.float()
         if losses.ndim != 1 or losses.shape[0] != n:
             raise ValueError(
                 f"HardExampleMining needs one loss per example ({n}), the loss function gave shape "

@@ -126,6 +126,8 @@ def _converter(conv, optional: bool, choices: Sequence | None):
 def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(map(_show, value)) if value else "(none)"
+    if value == "":
+        return "''"
     return "none" if value is None else str(value)
 
 
@@ -140,17 +142,19 @@ def config_parser(cls: type, *, prog: str | None = None, description: str | None
                   skip: Iterable[str] = (), positional: Iterable[str] = (),
                   choices: Mapping[str, Sequence] | None = None,
                   aliases: Mapping[str, tuple[str, bool]] | None = None,
-                  metavars: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+                  metavars: Mapping[str, str] | None = None,
+                  helps: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser with one option per field of dataclass `cls` (except `skip`).
 
     `positional`: fields given without a flag (lists take any number). `choices`: allowed values per
     field. `aliases`: extra flag -> (bool field, value it sets), e.g. {"--train-bn": ("bn_freeze", False)}.
-    Defaults come from `cls()` and are shown in the help.
+    `helps`: help for fields that have no comment. Defaults come from `cls()` and are shown in the help.
     """
     choices, aliases, metavars = dict(choices or {}), dict(aliases or {}), dict(metavars or {})
     skip, positional = set(skip), set(positional)
     p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps, hints, default = field_help(cls), typing.get_type_hints(cls), cls()
+    helps = {k: v or dict(helps or {}).get(k, "") for k, v in field_help(cls).items()}
+    hints, default = typing.get_type_hints(cls), cls()
     alias_for = {}
     for flag, (name, value) in aliases.items():
         alias_for.setdefault(name, []).append((flag, value))
@@ -312,7 +316,8 @@ def scrape_parser(prog: str = "fastlesson-scrape") -> argparse.ArgumentParser:
             "    fastlesson-scrape --from-urls urls.json --dest data/dh   # a fixed URL list, no search\n\n"
             "Search filters (--type-image, --size, --license-image) and --from-urls take '' or none "
             "for off.")
-    return config_parser(ScrapeConfig, prog=prog, description=desc, positional=("classes",))
+    return config_parser(ScrapeConfig, prog=prog, description=desc, positional=("classes",),
+                         helps={"dest": "output folder: train/ and valid/ class folders, manifest.json"})
 
 
 def scrape_main(argv: Sequence[str] | None = None, prog: str = "fastlesson-scrape") -> int:
@@ -320,8 +325,6 @@ def scrape_main(argv: Sequence[str] | None = None, prog: str = "fastlesson-scrap
     from fastlesson.scrape import ScrapeConfig, run_scrape
 
     cfg = config_from_args(ScrapeConfig, scrape_parser(prog).parse_args(argv))
-    if not cfg.classes and cfg.from_urls is None:
-        scrape_parser(prog).error("give class names to search for (e.g. daisy horse) or --from-urls FILE")
     return _run(lambda: run_scrape(cfg))
 
 

@@ -244,7 +244,7 @@ def _require_dir(path: Path, what: str) -> Path:
 def _class_images(split_dir: Path, is_valid: bool, skipped: list) -> list[Item]:
     """Images under `split_dir`, labelled by their parent folder (CIFAR-100's nested folders work too)."""
     items = []
-    for f in get_image_files(split_dir):
+    for f in sorted(get_image_files(split_dir)):  # sorted: the same items in the same order on any disk
         if f.parent == split_dir:
             skipped.append((f, f"not inside a class folder of {split_dir}"))
         else:

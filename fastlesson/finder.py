@@ -26,12 +26,18 @@ from fastlesson._io import save_png
 from fastlesson._rng import RNGState
 from fastlesson.distributed import world_size
 
-__all__ = ["LRFinderResult", "find_lr", "suggest_lrs", "MIN_POINTS", "rise_lr"]
+__all__ = ["LRFinderResult", "find_lr", "suggest_lrs", "suggest_window", "diverged", "MIN_POINTS",
+           "rise_lr"]
 
 MIN_POINTS = 16  # finite points needed to suggest: fastai's `slide` compares gradients 15 points apart
 SKIP_END = 5  # points dropped at the end before suggesting, as fastai's lr_find does (the blow-up)
 SMOOTH_BETA = 0.98  # EMA factor of the smoothed loss, fastai's AvgSmoothLoss default
-DIVERGE_FACTOR = 4.0  # stop when smoothed loss > 4 x best smoothed loss (fastai's rule)
+DIVERGE_FACTOR = 4.0  # stop when smoothed loss > 4 x best smoothed loss (fastai's rule), and ...
+DIVERGE_WINDOW = 5  # ... the median of the last 5 raw losses is above that too (one noisy batch is not)
+DIVERGE_WARMUP = 10  # batches (or num_it/10 if more) before the check starts and `best` is tracked:
+# the debiased EMA of the first few batches is the mean of a handful of noisy losses. On a well-fitted
+# head (loss ~0.05) fastai's bare rule stopped after 3 batches at lr=1.45e-07 on one noisy batch.
+SKIP_START = 0.1  # fraction of the recorded points dropped at the start before suggesting (fastai: 10%)
 SUGGEST_WINDOW = (1 / 100, 1 / 3)  # suggestion is clamped to this fraction of the min-loss LR
 FASTAI_METHODS = {"valley": valley, "slide": slide, "steep": steep, "minimum": minimum}
 # Learner attributes the training loop overwrites; restored after the sweep.
@@ -121,6 +127,29 @@ def suggest_lrs(lrs, losses) -> tuple[dict[str, float], float]:
     return suggestions, float(np.clip(suggestion, lrs[0], lrs[-1]))
 
 
+def diverged(smooth: float, best: float, recent) -> bool:
+    """The range test's stop rule: the smoothed loss is above DIVERGE_FACTOR x its best (fastai's
+    rule) and so is the median of the `recent` raw losses: a rise that persists, not one noisy batch
+    (which lifts the smoothed loss of a low, noisy curve past 4x on its own)."""
+    limit = DIVERGE_FACTOR * best
+    return smooth > limit and float(np.median(recent)) > limit
+
+
+def suggest_window(n: int) -> tuple[int, int]:
+    """[start, end) of the `n` recorded points to suggest from: without the first 10% of the points
+    (the EMA's noisy start) and the last SKIP_END (the blow-up), as fastai; for a sweep cut short (NaN,
+    divergence) the 10% is of the points it has, and when that leaves fewer than MIN_POINTS of
+    `n >= MIN_POINTS`, the skips shrink (the start first) so that MIN_POINTS remain. Fewer than
+    MIN_POINTS: all of them (suggest_lrs then says how many there are and what it needs)."""
+    if n < MIN_POINTS:
+        return 0, n
+    start, end = int(n * SKIP_START), n - SKIP_END
+    if end - start < MIN_POINTS:
+        start = max(0, min(start, end - MIN_POINTS))
+        end = max(end, start + MIN_POINTS)
+    return start, end
+
+
 def _smooth(losses, beta: float = SMOOTH_BETA) -> np.ndarray:
     """Debiased exponential moving average, the same as fastai's AvgSmoothLoss."""
     out, avg = np.empty(len(losses)), 0.0
@@ -141,6 +170,7 @@ class _RangeTest(Callback):
         self.ratios = np.asarray(ratios, dtype=float)
         self.lrs, self.losses, self.stop_reason = [], [], "completed"
         self.avg, self.best = 0.0, math.inf
+        self.warmup = max(DIVERGE_WARMUP, num_it // 10)
 
     def lr_at(self, i: int) -> float:
         # batch 0 at start_lr, batch num_it-1 at end_lr exactly (fastai ends one step short)
@@ -163,10 +193,11 @@ class _RangeTest(Callback):
         n = len(self.losses)
         self.avg = SMOOTH_BETA * self.avg + (1 - SMOOTH_BETA) * loss
         smooth = self.avg / (1 - SMOOTH_BETA**n)
-        self.best = min(self.best, smooth)
-        if self.stop_div and smooth > DIVERGE_FACTOR * self.best:
-            self.stop_reason = "diverged"
-            raise CancelFitException()
+        if n >= self.warmup:
+            self.best = min(self.best, smooth)
+            if self.stop_div and diverged(smooth, self.best, self.losses[-DIVERGE_WINDOW:]):
+                self.stop_reason = "diverged"
+                raise CancelFitException()
         if n >= self.num_it:
             raise CancelFitException()
 
@@ -277,8 +308,9 @@ def find_lr(learn, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100
     Every layer group is swept together, keeping the ratios of `lr_ratios` (float, slice or one LR
     per group, as in fastai's `fit`) or else of the optimizer's current per-group LRs; `lrs` are the
     top group's. Stops after `num_it` batches, at the first non-finite loss, or (`stop_div`) when the
-    smoothed loss exceeds 4x its best. Suggestions use the finite points minus the first 10% and the
-    last 5 (as fastai). Weights, buffers and optimizer state are restored from memory copies, also on
+    smoothed loss and the median of the last 5 losses exceed 4x the best smoothed loss (checked from
+    batch max(10, num_it/10) on). Suggestions use the finite points minus the first 10% and the last 5
+    (as fastai; see `suggest_window` for a sweep cut short). Weights, buffers and optimizer state are restored from memory copies, also on
     an exception or KeyboardInterrupt. Extra fastai callbacks `cbs` run during the sweep.
     """
     n_batches = _check_args(learn, start_lr, end_lr, num_it)
@@ -302,7 +334,7 @@ def find_lr(learn, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100
         snap.restore()
     lrs, losses = np.array(test.lrs), np.array(test.losses)
     smoothed = _smooth(losses)
-    window = (num_it // 10, max(num_it // 10, len(losses) - SKIP_END))
+    window = suggest_window(len(losses))
     try:
         suggestions, suggestion = suggest_lrs(lrs[slice(*window)], smoothed[slice(*window)])
     except ValueError as e:

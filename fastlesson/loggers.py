@@ -159,9 +159,11 @@ def logger_callbacks(kind: str | None, out_dir: str | os.PathLike, name: str | N
     import wandb
 
     logs.mkdir(parents=True, exist_ok=True)  # wandb writes logs/wandb/offline-run-*
-    os.environ.setdefault("WANDB_SILENT", "true")
+    # offline: nothing leaves the machine; `wandb sync` uploads the run later. console="off": the
+    # recipe's own output is not copied into the run
     run = wandb.init(project=WANDB_PROJECT, name=name or Path(out_dir).name, dir=str(logs),
-                     mode="offline", config=config, reinit="finish_previous")
+                     mode="offline", config=config, reinit="finish_previous",
+                     settings=wandb.Settings(silent=True, console="off"))
     return [_wandb_class()(run)]
 
 

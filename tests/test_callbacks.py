@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.callback.tracker import (
     EarlyStoppingCallback,
     ReduceLROnPlateau,
@@ -203,18 +204,119 @@ def test_hard_mining_warmup_and_validation_unaffected():
     assert [v[0] for v in learn.recorder.values] == pytest.approx([mean, mean], abs=1e-5)  # valid_loss (fp32 mean)
 
 
-def test_hard_mining_after_mixed_precision():
+class CPUMixedPrecision(MixedPrecision):
+    """fastai's MixedPrecision with autocast and GradScaler on the CPU.
+
+    fastai hard-codes `autocast('cuda')`, which on a CPU-only machine disables itself with a warning:
+    the events run but nothing is cast or scaled. Everything else (its after_pred, after_loss,
+    before_backward scaling, before_step unscaling) is fastai's own.
+    """
+
+    def before_fit(self):
+        dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
+        self.kwargs["enabled"] = dtype == torch.float16  # fastai: no GradScaler for bf16
+        self.autocast = torch.autocast("cpu", dtype=dtype)
+        self.learn.scaler = torch.amp.GradScaler("cpu", init_scale=AMP_SCALE, **self.kwargs)
+        self.scales = []
+
+
+AMP_SCALE = 1024.0  # GradScaler's initial loss scale in the fp16 case
+
+
+class Linear3(nn.Module):
+    """pred = x @ W.T with W = I: a matmul, so autocast really runs it in low precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.eye(3))
+        self.out_dtypes = []
+
+    def forward(self, x):
+        out = F.linear(x, self.w)
+        self.out_dtypes.append(out.dtype)
+        return out
+
+
+class ProbeScaled(Callback):
+    """Record loss_grad after mining, after MixedPrecision's before_backward has scaled it, and the grad."""
+    order = 50
+
+    def before_fit(self):
+        self.rows, self.scaled, self.grads = [], [], []
+
+    def after_loss(self):
+        self.rows.append(dict(training=self.training, loss_grad=float(self.learn.loss_grad.detach()),
+                              loss=float(self.learn.loss.detach())))
+
+    def before_backward(self):
+        self.scaled.append(float(self.learn.loss_grad.detach()))
+
+    def after_backward(self):
+        self.grads.append(self.learn.model.w.grad.detach().clone())
+
+
+@pytest.mark.parametrize("amp_mode", ["bf16", "fp16"])
+def test_hard_mining_under_cpu_autocast_is_what_gets_scaled_and_stepped(amp_mode):
     # MixedPrecision leaves autocast in after_loss and scales loss_grad in before_backward: mining must
-    # run between the two, so the weighted loss is the one that is scaled and back-propagated.
+    # run between the two, so the weighted loss is the one that is scaled, back-propagated and stepped.
     assert MixedPrecision.order < HardExampleMining.order
-    probe = ProbeLoss()
+    ds = TensorDataset(LOGITS.clone(), TARGETS.clone())
+    dls = DataLoaders.from_dsets(ds, ds, bs=4, shuffle=False, device="cpu", num_workers=0)
+    model, lr = Linear3(), 0.5
+    scaled, hem = ProbeScaled(), HardExampleMining(0.5, 3.0)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.0), lr=lr,
+                    wd=0.0, cbs=[CPUMixedPrecision(amp_mode=amp_mode), hem, scaled])
+    learn.fit(1)
+    low = torch.bfloat16 if amp_mode == "bf16" else torch.float16
+    assert model.out_dtypes[0] == low, "the forward pass really ran under autocast"
+    l = hand_ce()  # noqa: E741  (LOGITS are exact in bf16 and fp16, so are the losses)
+    weighted = (l[0] + l[1] + 3 * l[2] + 3 * l[3]) / 8
+    train = [r for r in scaled.rows if r["training"]][0]
+    assert hem.last_weights.dtype == torch.float32 and set(hem.last_hard_idx.tolist()) == {2, 3}
+    assert train["loss_grad"] == pytest.approx(weighted, abs=1e-6)
+    assert train["loss"] == pytest.approx(sum(l) / 4, abs=1e-6)  # logged loss: the plain mean
+    scale = AMP_SCALE if amp_mode == "fp16" else 1.0
+    assert scaled.scaled[0] == pytest.approx(scale * weighted, rel=1e-6)  # the weighted loss was scaled
+    # reference gradient of the weighted loss w.r.t. W, in fp32 by autograd
+    w0 = torch.eye(3, requires_grad=True)
+    losses = F.cross_entropy(F.linear(LOGITS, w0), TARGETS, reduction="none")
+    ((torch.tensor([1.0, 1.0, 3.0, 3.0]) * losses).sum() / 8).backward()
+    assert torch.allclose(scaled.grads[0] / scale, w0.grad, rtol=2e-2, atol=2e-3)
+    # the step used the unscaled gradient (GradScaler.unscale_ inside MixedPrecision.before_step)
+    assert torch.allclose(model.w.detach(), torch.eye(3) - lr * w0.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fastai's to_fp16 autocasts on CUDA only")
+def test_hard_mining_after_fastai_to_fp16_on_cuda():
+    probe = ProbeScaled()
     learn = hand_learner(CrossEntropyLossFlat(), cbs=[HardExampleMining(0.5, 3.0), probe])
-    with pytest.warns(UserWarning):  # CPU here: AMP disables itself with a warning, the events still run
-        learn.to_fp16()
-        learn.fit(1)
+    learn.model = Linear3().cuda()
+    learn.dls.cuda()
+    learn.to_fp16()
+    learn.fit(1)
+    assert learn.model.out_dtypes[0] == torch.float16
     l = hand_ce()  # noqa: E741
     train = [r for r in probe.rows if r["training"]][0]
-    assert train["loss_grad"] == pytest.approx((l[0] + l[1] + 3 * l[2] + 3 * l[3]) / 8, abs=1e-6)
+    assert train["loss_grad"] == pytest.approx((l[0] + l[1] + 3 * l[2] + 3 * l[3]) / 8, abs=1e-3)
+
+
+def test_hard_mining_weighted_mean_of_fp16_losses_does_not_overflow():
+    """A loss function that returns fp16 per-example losses (a model kept in half precision): the
+    weighted sum of a large batch passes fp16's 65504 although the mean is small."""
+    n = 4096
+    pred = torch.zeros(n, 3, dtype=torch.float16)
+    pred[:, 0] = 9.0  # every example confidently wrong for class 2: loss ~ 9 each, sum ~ 46000 * weights
+    targ = torch.full((n,), 2)
+
+    def half_ce(pred, targ, reduction="mean"):
+        return F.cross_entropy(pred.float(), targ, reduction=reduction).half()
+
+    hem = HardExampleMining(frac=0.5, weight=3.0)
+    hem.learn = SimpleNamespace(loss_func=half_ce, pred=pred, yb=(targ,), epoch=0, loss_grad=None)
+    hem.after_loss()
+    expected = float(half_ce(pred, targ, reduction="none").float().mean())  # equal losses: weights cancel
+    assert math.isfinite(float(hem.learn.loss_grad))
+    assert float(hem.learn.loss_grad) == pytest.approx(expected, rel=1e-3)
 
 
 def test_hard_mining_rejects_loss_without_per_example_losses():

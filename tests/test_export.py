@@ -458,3 +458,19 @@ def test_fast_preprocessing_is_fastais_validation_resize(tfm):
         img = load_rgb(f)
         want = np.asarray(tfm(PILImage(img), split_idx=1))
         assert np.array_equal(np.asarray(resize_image(img, spec)), want)
+
+
+def test_predict_script_truncated_weights_one_line(onnx_run, tmp_path):
+    """The issue's case: a truncated model.safetensors used to end scripts/predict.py in a traceback."""
+    import subprocess
+    import sys
+
+    run = shutil.copytree(onnx_run, tmp_path / "run")
+    _truncate(run / BUNDLE_WEIGHTS, keep=0.3)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
+    res = subprocess.run([sys.executable, str(script), str(run), str(SAMPLE_PHOTOS[0]), "--backend", "torch"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stdout == ""
+    last = [ln for ln in res.stderr.splitlines() if not ln.lstrip().startswith(("warnings.warn", "/"))]
+    assert len(last) == 1 and last[0].startswith("error: ") and BUNDLE_WEIGHTS in last[0]
+    assert "Traceback" not in res.stderr

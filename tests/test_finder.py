@@ -383,3 +383,91 @@ def test_plot_returns_figure_marks_suggestion_and_writes_png(tiny_learner, tmp_p
     fig2 = Figure()
     ax2 = fig2.add_subplot()
     assert r.plot(ax=ax2) is fig2 and ax2.get_xscale() == "log"
+
+
+# ---------- stop rule and window on low, noisy curves and sweeps cut short ----------
+
+class ScriptedLoss(nn.Module):
+    """Returns `values[i]` for the i-th training batch (with a zero gradient path through `pred`), so
+    the range test sees an exact loss curve; NaN past the end."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values, self.i = list(values), 0
+
+    def forward(self, pred, y):
+        v = self.values[self.i] if self.i < len(self.values) else float("nan")
+        self.i += 1
+        return pred.sum() * 0 + v
+
+
+def scripted_learner(tiny_learner, tmp_path, values):
+    learn = mk(tiny_learner, tmp_path)
+    learn.loss_func = ScriptedLoss(values)
+    return learn
+
+
+def low_noisy_curve(n=100, seed=0):
+    """A well-fitted head's range test: loss ~0.05 with batch-to-batch noise and a few 10-15x batches
+    (one at batch 3), flat until the LR gets large, then a real blow-up over the last 15 batches."""
+    rng = np.random.default_rng(seed)
+    loss = 0.05 * np.exp(0.5 * rng.standard_normal(n))
+    loss[[2, 30, 55]] = [0.6, 0.7, 0.75]  # single noisy batches, 12-15x the typical loss
+    loss[n - 15:] *= np.geomspace(1, 300, 15)  # the LR is too high: a persistent, growing rise
+    return loss
+
+
+def test_fastai_rule_stops_a_low_noisy_curve_at_batch_3():
+    """The defect: fastai's bare rule (smoothed > 4x best, from batch 1) on the curve above."""
+    from fastlesson.finder import _smooth
+
+    sm = _smooth(low_noisy_curve())
+    first_stop = next(i for i in range(len(sm)) if sm[i] > 4 * sm[: i + 1].min())
+    assert first_stop == 2  # the third batch, as in the default recipe run's step 7
+
+
+def test_low_noisy_curve_runs_to_the_real_rise_and_suggests(tiny_learner, tmp_path):
+    values = low_noisy_curve()
+    r = find_lr(scripted_learner(tiny_learner, tmp_path, values), num_it=100)
+    assert r.stop_reason == "diverged"
+    assert 85 <= len(r.losses) < 100  # stopped inside the blow-up, not on a noisy batch
+    np.testing.assert_allclose(r.losses, values[: len(r.losses)], rtol=1e-6)
+    assert r.lrs[0] <= r.suggestion <= r.lrs[-1] and math.isfinite(r.suggestion)
+    assert r.window == (len(r.losses) // 10, len(r.losses) - 5)
+
+
+def test_divergence_rule_needs_a_rise_that_persists():
+    from fastlesson.finder import diverged
+
+    assert not diverged(0.25, 0.05, [0.05, 0.04, 1.0, 0.06, 0.05])  # smoothed up by one batch: no
+    assert diverged(0.25, 0.05, [0.1, 0.3, 0.5, 0.9, 2.0])  # most recent batches high: yes
+    assert not diverged(0.15, 0.05, [0.3, 0.5, 0.9, 2.0, 4.0])  # smoothed not yet 4x
+
+
+def test_nan_after_30_batches_still_suggests_from_the_30_finite_points(tiny_learner, tmp_path):
+    """find_lr(num_it=100) used to drop 10% of num_it (10 points) plus the last 5: 15 < 16 left."""
+    rng = np.random.default_rng(1)
+    values = 2.0 - np.linspace(0, 1.0, 30) + 0.01 * rng.standard_normal(30)  # NaN from batch 31
+    r = find_lr(scripted_learner(tiny_learner, tmp_path, values), num_it=100)
+    assert r.stop_reason == "non_finite" and len(r.losses) == 30
+    assert r.window == (3, 25) and np.isfinite(r.suggestion)
+    assert r.lrs[3] <= r.suggestion <= r.lrs[24]
+
+
+@pytest.mark.parametrize("n, window", [
+    (100, (10, 95)), (30, (3, 25)), (24, (2, 19)),  # the usual 10% + 5 skips
+    (20, (0, 16)), (16, (0, 16)),  # enough points, but the skips would leave < 16: they shrink
+    (12, (0, 12)),  # too few either way: all of them, and suggest_lrs says so
+])
+def test_suggest_window(n, window):
+    from fastlesson.finder import suggest_window
+
+    assert suggest_window(n) == window
+    lo, hi = window
+    assert (hi - lo >= MIN_POINTS) == (n >= MIN_POINTS)
+
+
+def test_a_sweep_cut_short_below_min_points_is_still_a_clear_error(tiny_learner, tmp_path):
+    values = np.linspace(2.0, 1.0, 14)  # NaN from batch 15: 14 < 16 finite points
+    with pytest.raises(ValueError, match="only 14 finite loss points .* need 16"):
+        find_lr(scripted_learner(tiny_learner, tmp_path, values), num_it=100)

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ PNGS = ["lr_find_head.png", "lr_find_full.png", "lr_schedule.png", "losses.png",
 def run(tmp_path_factory):
     """One smoke run (pretrained tf_efficientnet_lite0, 32 px) with hard-example mining switched on."""
     root = write_image_folder(tmp_path_factory.mktemp("data"))
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")  # skipped, and said so in the report
     out = tmp_path_factory.mktemp("run")
     calls = []
     orig = fl_callbacks.HardExampleMining.after_loss
@@ -165,17 +167,40 @@ def test_hard_mining_wired_in(run):
 
 
 def _script_valid_losses(monkeypatch, losses):
-    """Make _BestWeights see these validation losses, one per epoch (the training itself is real)."""
-    import fastlesson.recipe as recipe
-
+    """Make BestWeights see these validation losses, one per epoch (the training itself is real)."""
     it = iter(losses)
-    real = recipe._BestWeights.after_epoch
+    real = fl_callbacks.BestWeights.after_epoch
 
     def scripted(self):
         self.recorder.values[-1][1] = next(it)
         real(self)
 
-    monkeypatch.setattr(recipe._BestWeights, "after_epoch", scripted)
+    monkeypatch.setattr(fl_callbacks.BestWeights, "after_epoch", scripted)
+
+
+@pytest.mark.parametrize("epochs_max,cycles", [(2, 1), (3, 2), (6, 2), (7, 3)])
+def test_fit_until_overfit_never_starts_a_cycle_past_epochs_max(tiny_learner, monkeypatch, epochs_max, cycles):
+    """Validation loss always improves, so only epochs_max stops it: cycles of 1, 2, 4 epochs run while
+    they end within it, and the one that would pass it never trains a single batch."""
+    from fastai.callback.core import Callback
+
+    _script_valid_losses(monkeypatch, [1.0 / (i + 2) for i in range(20)])
+
+    class Count(Callback):
+        def __init__(self):
+            self.epochs = self.batches = 0
+
+        def after_epoch(self):
+            self.epochs += 1
+
+        def after_batch(self):
+            self.batches += self.training
+
+    learn, count = tiny_learner(), Count()
+    stop = fit_until_overfit(learn, 1e-3, epochs_max=epochs_max, baseline=10.0, cbs=[count])
+    assert (stop["cycles"], stop["epochs"]) == (cycles, 2 ** cycles - 1)
+    assert count.epochs == 2 ** cycles - 1 and count.batches == count.epochs * len(learn.dls.train)
+    assert f"would pass epochs_max={epochs_max}" in stop["reason"]
 
 
 def test_fit_until_overfit_stops_when_a_cycle_does_not_improve(tiny_learner, monkeypatch):
@@ -355,3 +380,87 @@ def test_step4_trains_the_head_with_the_body_exactly_frozen(tiny_learner):
     assert all(torch.equal(v, before[k]) for k, v in body_state(learn).items())
     assert any(not torch.equal(a, b) for a, b in zip(head, learn.model[1].parameters()))
     assert [p.requires_grad for p in learn.model.parameters()] == grads
+
+
+# ---------------------------------------------------------------- metrics against independent references
+
+
+def test_accuracy_recomputed_from_the_bundle_and_the_true_labels(run):
+    """metrics.json's accuracy = the exported bundle's predictions on the validation images, scored
+    against the class folder each image sits in (no fastai on this side)."""
+    res, out, root, _, _ = run
+    files = sorted((root / "valid").rglob("*.jpg"))
+    predictor = load_model(out, device="cpu")
+    classes = list(predictor.classes) if hasattr(predictor, "classes") else list(res.learn.dls.vocab)
+    truth = [classes.index(f.parent.name) for f in files]
+    probs = predictor.probs(files)
+    acc = float(np.mean(probs.argmax(1).numpy() == np.array(truth)))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["final"]["accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert m["final"]["n_valid"] == len(files)
+
+
+def test_history_rows_are_the_epochs_the_config_asks_for(run):
+    res, out, *_ = run
+    cfg = res.config
+    full = next(s for s in res.steps if s["name"] == "full_sgdr")
+    expected = (["precompute"] * cfg.precompute_epochs + ["head_sgdr"] * cfg.head_cycles
+                + ["full_sgdr"] * full["epochs"])
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [r["step"] for r in rows] == expected
+    assert [int(r["step_epoch"]) for r in rows] == (list(range(1, cfg.precompute_epochs + 1))
+                                                    + [1] * cfg.head_cycles + [1] * full["epochs"])
+
+
+def test_report_says_how_many_images_were_skipped(run):
+    res, out, *_ = run
+    m = json.loads((out / "metrics.json").read_text())
+    assert [Path(p).name for p, _ in m["skipped"]] == ["broken.jpg"]
+    assert "1 unreadable image(s) were skipped, listed in metrics.json." in (out / "report.md").read_text()
+    assert res.steps[0]["n_skipped"] == 1
+
+
+def test_report_step8_row_shows_the_restored_model(run):
+    res, out, *_ = run
+    full = next(s for s in res.steps if s["name"] == "full_sgdr")
+    md = (out / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 8 |"))
+    assert report._fmt(full["best_valid_loss"]) in row
+    assert full["valid_loss"] == pytest.approx(full["best_valid_loss"], rel=1e-6)
+
+
+def _variant(tmp_path, **kw):
+    root = write_image_folder(tmp_path / "data")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_recipe(RecipeConfig(data=str(root), smoke=True, out=str(tmp_path / "run"), **kw))
+
+
+def test_variant_no_precompute_no_tta(tmp_path):
+    res = _variant(tmp_path, precompute=False, tta=False)
+    s = {st["name"]: st for st in res.steps}
+    assert "precompute off" in s["precompute"]["note"] and "seconds_cache" not in s["precompute"]
+    assert s["precompute"]["epochs"] == 1 and res.accuracy_tta is None
+    assert "(with TTA -)" in (res.out / "report.md").read_text()
+
+
+def test_variant_no_pretrained_trains_every_layer_and_batchnorm(tmp_path):
+    res = _variant(tmp_path, pretrained=False)
+    assert (res.config.freeze_to, res.config.bn_freeze) == (0, False)
+    s = {st["name"]: st for st in res.steps}
+    assert s["unfreeze"]["trainable_groups"] == len(s["discriminative"]["ratios"])
+    assert "from scratch" in (res.out / "metrics.json").read_text()
+
+
+def test_variant_freeze_to_0_without_bn_freeze_trains_the_early_body_and_its_batchnorm(tmp_path):
+    from fastlesson.models import build_model, splitter
+
+    res = _variant(tmp_path, freeze_to=0, bn_freeze=False)
+    model = res.learn.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    early = [names[id(p)] for p in splitter(model)[0]]
+    fresh = build_model(res.config.arch, len(res.learn.dls.vocab), pretrained=True).state_dict()
+    trained = model.state_dict()
+    assert any(not torch.equal(trained[k], fresh[k]) for k in early)
+    running = [k for k in trained if k.startswith("0.") and k.endswith("running_mean")]
+    assert any(not torch.equal(trained[k], fresh[k]) for k in running)
+    assert res.steps[4]["trainable_groups"] == len(res.steps[5]["ratios"]) and not res.steps[4]["bn_freeze"]

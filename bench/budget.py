@@ -1,0 +1,88 @@
+"""The recipe with a time budget: planned vs actual minutes and accuracy, next to the default run.
+
+    python bench/budget.py                                  # flowers102-small, lite0, 160 px: default,
+                                                            # --budget 6, --budget 12 (~30 min on 2 cores)
+    python bench/budget.py --budgets 3 --limit 3 --size 64 --lr-find-iters 24 --skip-default
+                                                            # a quick check of the script (~2 min)
+
+Each run is `fastlesson.run_recipe` in this process, one after another, on the same data and seed.
+Printed per run: budget, planned minutes (the step-8 plan), actual minutes (the whole run, export
+included), step-8 cycles planned/run, validation accuracy (and with TTA), and actual / budget.
+Target (issue 12): actual within 10% of the budget, never more than 10% over; --budget 12 at least as
+accurate as the default run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from _common import ARCH, DEFAULT_DATA, env_summary, resolve_data, subsample  # noqa: E402
+
+
+def run_one(data: Path, out: Path, budget: float | None, args) -> dict:
+    """One recipe run; its numbers for the table."""
+    from fastlesson.recipe import RecipeConfig, run_recipe
+
+    cfg = RecipeConfig(data=str(data), arch=ARCH, size=args.size, seed=args.seed, out=str(out), budget=budget,
+                       lr_find_iters=args.lr_find_iters, tta=not args.no_tta)
+    res = run_recipe(cfg)
+    b = res.metrics.get("budget") or {}
+    full = next(s for s in res.steps if s["name"] == "full_sgdr")
+    return {"budget_min": budget, "planned_min": (b.get("planned") or {}).get("minutes"),
+            "actual_min": round(res.metrics["seconds_total"] / 60, 2),
+            "cycles_planned": (b.get("planned") or {}).get("full_cycles"),
+            "cycles_run": full["cycles"], "epochs_run": full["epochs"], "accuracy": res.accuracy,
+            "accuracy_tta": res.accuracy_tta}
+
+
+def _fmt_row(r: dict) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    budget = "default" if r["budget_min"] is None else f"{r['budget_min']:g}"
+    planned = "-" if r["planned_min"] is None else f"{r['planned_min']:.2f}"
+    ratio = "-" if r["budget_min"] is None else f"{r['actual_min'] / r['budget_min']:.2f}"
+    return (f"| {budget} | {planned} | {r['actual_min']:.2f} | {ratio} | {r['cycles_planned'] or '-'} | "
+            f"{r['cycles_run']} ({r['epochs_run']} ep) | {pct(r['accuracy'])} | {pct(r['accuracy_tta'])} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"image folder [{DEFAULT_DATA}]")
+    p.add_argument("--budgets", type=float, nargs="+", default=[6.0, 12.0], help="minutes [6 12]")
+    p.add_argument("--size", type=int, default=160, help="px [160]")
+    p.add_argument("--seed", type=int, default=42, help="[42]")
+    p.add_argument("--lr-find-iters", type=int, default=100, help="batches per LR range test [100]")
+    p.add_argument("--limit", type=int, default=None, help="images per class and split (quick check)")
+    p.add_argument("--skip-default", action="store_true", help="leave out the run without a budget")
+    p.add_argument("--no-tta", action="store_true", help="no TTA accuracy (and no TTA time)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    data = resolve_data(args.data)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.limit:
+            data = subsample(data, args.limit, Path(tmp) / "data")
+        for budget in ([] if args.skip_default else [None]) + list(args.budgets):
+            name = "default" if budget is None else f"budget{budget:g}"
+            rows.append(run_one(data, Path(tmp) / name, budget, args))
+    print("\n## Time budget vs the default run\n")
+    print(f"data {args.data}{f' (limit {args.limit})' if args.limit else ''}, {ARCH}, {args.size} px, "
+          f"seed {args.seed}\n")
+    print("| budget (min) | planned (min) | actual (min) | actual / budget | step-8 cycles planned | "
+          "run | accuracy | with TTA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(_fmt_row(r))
+    print("\n" + env_summary(repeats=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
