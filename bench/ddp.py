@@ -7,7 +7,7 @@
 Each run trains the same thing: tf_efficientnet_lite0 (ImageNet weights), the same data, split and global
 batch (`--bs`, split evenly over the processes: bs/N per process), `--head-epochs` epochs of the head
 (body frozen) then `--full-epochs` epochs with layer groups 1-2 unfrozen (10x lower LR per earlier group),
-SGDR with one cycle per phase, the body's BatchNorm frozen (as the recipe does). Each process gets half of
+SGDR with one cycle per phase, the body's BatchNorm frozen and held (as the recipe does). Each process gets half of
 every global batch (fastlesson.distributed.DistributedDL), so the 2-process run sees the same items per
 optimizer step as the 1-process one; gradients are averaged, so only the augmentation draws and float
 summation order differ. Printed: validation accuracy and loss (all validation images, gathered), training
@@ -61,6 +61,12 @@ def parse(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------- one process
 
 
+def hold(params) -> None:
+    """No gradient for `params` (fastai's freeze keeps BatchNorm trainable: train_bn)."""
+    for p in params:
+        p.requires_grad_(False)
+
+
 def _state_digest(model) -> str:
     """sha256 over every parameter and buffer, bit for bit."""
     import torch
@@ -112,6 +118,7 @@ def worker(a: argparse.Namespace) -> None:
     learn.model.to(memory_format=torch.channels_last)
     freeze(learn, verbose=False)
     body_bn = [p for m in learn.model[0].modules() if isinstance(m, bn_types) for p in m.parameters(recurse=False)]
+    hold(body_bn)  # as the recipe does: BnFreeze then keeps the body's BatchNorm in eval mode throughout
     clock = TrainClock()
     t_all = time.perf_counter()
     with ddp.distrib_ctx(learn, sync_bn=False):
@@ -120,8 +127,7 @@ def worker(a: argparse.Namespace) -> None:
             fit_sgdr(learn, n_cycles=1, cycle_len=a.head_epochs, lr_max=a.lr_head, cbs=[clock, BnFreeze()])
         if a.full_epochs:
             freeze_to(learn, 1, verbose=False)
-            for p in body_bn:  # held, as the recipe does: BnFreeze then keeps those layers in eval mode
-                p.requires_grad_(False)
+            hold(body_bn)
             lrs = lr_groups(learn, a.lr_full, factor=10)
             fit_sgdr(learn, n_cycles=1, cycle_len=a.full_epochs, lr_max=lrs, cbs=[clock, BnFreeze()])
         preds, targs = learn.get_preds()

@@ -33,6 +33,14 @@ from fastlesson.precompute import (
     precompute_head,
     precompute_learner,
 )
+from fastlesson.distributed import (
+    broadcast_object,
+    distrib_ctx,
+    init_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 
 # data, backbones, the recipe, its report, export and predict
 from fastlesson.data import SOURCES, DataResult, flower_names, image_problem, load_data, sample_path
@@ -89,6 +97,7 @@ from fastlesson.callbacks import (
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter
 from fastlesson.sweep import (
     GRID_KEYS,
+    SweepConfig,
     SweepResult,
     expand_grid,
     normalize_grid,
@@ -125,6 +134,7 @@ __all__ = [
     "OPTIMIZERS", "Lookahead", "lookahead", "opt_func",
     "CachedFeatures", "PrecomputeResult", "cache_key", "clear_memory_cache", "precompute_head",
     "precompute_learner",
+    "broadcast_object", "distrib_ctx", "init_distributed", "is_main_process", "rank", "world_size",
     # data, backbones, recipe, report, export
     "SOURCES", "DataResult", "flower_names", "image_problem", "load_data", "sample_path",
     "OFFLINE_ARCHS", "WeightsUnavailableError", "build_model", "create_learner", "model_stats", "native_size",
@@ -139,7 +149,7 @@ __all__ = [
     # callbacks, small CNN, sweeps
     "BestCheckpoint", "BestWeights", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR",
     "small_cnn", "small_cnn_splitter",
-    "GRID_KEYS", "SweepResult", "expand_grid", "normalize_grid", "run_sweep", "sweep_table",
+    "GRID_KEYS", "SweepConfig", "SweepResult", "expand_grid", "normalize_grid", "run_sweep", "sweep_table",
     # scraping
     "STATUSES", "ScrapeConfig", "ScrapeResult", "UrlEntry", "read_url_list", "run_scrape", "scrape_dataset",
     "normalise_image",

@@ -175,7 +175,8 @@ def _add_field(p, name: str, tp, default, helptext: str, positional: bool = Fals
     base, optional = _split_optional(tp)
     origin = typing.get_origin(base)
     helptext = helptext.replace("%", "%%")
-    shown = f" [default: {_show(default)}]".replace("%", "%%")
+    # the default, unless the comment already says it (e.g. "(default 3e-3)" of a grid axis)
+    shown = "" if "default" in helptext else f" [default: {_show(default)}]".replace("%", "%%")
     if base is bool and not positional:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default,
                        action=argparse.BooleanOptionalAction, help=helptext + shown)
@@ -184,7 +185,7 @@ def _add_field(p, name: str, tp, default, helptext: str, positional: bool = Fals
     if origin in (list, tuple) or base in (list, tuple):
         item = (typing.get_args(base) or (str,))[0]
         kw["type"] = _converter(_scalar(item), False, choices)
-        kw["nargs"] = "*" if positional or optional else "+"
+        kw["nargs"] = "*" if positional else "+"
     else:
         kw["type"] = _converter(_scalar(base), optional, choices)
     if choices is not None:
@@ -356,7 +357,15 @@ def sweep_main(argv: Sequence[str] | None = None, prog: str = "fastlesson-sweep"
     cfg = config_from_args(SweepConfig, sweep_parser(prog).parse_args(argv))
 
     def body():
-        result = run_sweep(cfg)
+        import yaml
+
+        try:
+            result = run_sweep(cfg)
+        except yaml.YAMLError as e:  # name the file and the line, not "<unicode string>"
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"--grid {cfg.grid}: not valid YAML ({getattr(e, 'problem', None) or e}{where}); "
+                             f"fix the file (bench/sweep_grid.yaml shows the format)") from None
         files = result.files
         print(f"\n{files['table'].read_text()}\ntrained {result.trained}, resumed {result.resumed}; "
               f"table {files['table']}, CSV {files['csv']}, plots {files['plots']}")

@@ -453,11 +453,13 @@ def _bundle_meta_path(path: Path) -> Path | None:
 
 
 def load_model(path, trust_pickle: bool = False, device=None, backend: str = "auto",
-               threads: int | None = None) -> Predictor:
+               threads: int | None = None, fast_decode: bool = True) -> Predictor:
     """Load a run's model: the safe bundle on PyTorch or model.onnx on onnxruntime; a .pkl only if trusted.
 
     `backend`: "auto" (onnxruntime when the run has model.onnx and onnxruntime is installed, else
     PyTorch), "onnx" or "torch". `threads`: onnxruntime intra-op threads (None: its default).
+    `fast_decode`: decode JPEGs at 1/2, 1/4 or 1/8 scale while they stay above the model's input size
+    (PIL draft mode; several times faster on big photos, pixels differ slightly from a full decode).
     A damaged or mismatched file raises BadModelFileError (a ValueError) naming the file.
     """
     if backend not in BACKENDS:
@@ -468,7 +470,7 @@ def load_model(path, trust_pickle: bool = False, device=None, backend: str = "au
                                 f"{BUNDLE_META} + {BUNDLE_WEIGHTS} (written by scripts/recipe.py)")
     meta_path = _bundle_meta_path(path)
     if meta_path is not None:
-        return _load_bundle(meta_path, device, backend=backend, threads=threads)
+        return _load_bundle(meta_path, device, backend=backend, threads=threads, fast_decode=fast_decode)
     pkl = path if path.is_file() else path / EXPORT_PKL
     if not pkl.is_file():
         raise FileNotFoundError(f"{str(path)!r} holds no {BUNDLE_META} (safe bundle) and no {EXPORT_PKL}; "
@@ -514,7 +516,8 @@ def _onnx_available() -> bool:
     return True
 
 
-def _load_bundle(meta_path: Path, device=None, backend: str = "torch", threads: int | None = None) -> Predictor:
+def _load_bundle(meta_path: Path, device=None, backend: str = "torch", threads: int | None = None,
+                 fast_decode: bool = True) -> Predictor:
     """Rebuild the architecture and load safetensors weights, or open model.onnx: no pickle anywhere."""
     meta = read_meta(meta_path)
     onnx_info = meta.get("onnx") or {}
@@ -522,8 +525,10 @@ def _load_bundle(meta_path: Path, device=None, backend: str = "torch", threads: 
     if backend == "auto":
         backend = "onnx" if onnx_path.is_file() and _onnx_available() else "torch"
     if backend == "onnx":
-        return OnnxPredictor(_open_onnx(onnx_path, meta, meta_path, threads), meta["classes"], meta)
-    return TorchPredictor(_load_torch_model(meta, meta_path), meta["classes"], meta, device=device)
+        return OnnxPredictor(_open_onnx(onnx_path, meta, meta_path, threads), meta["classes"], meta,
+                             fast_decode=fast_decode)
+    return TorchPredictor(_load_torch_model(meta, meta_path), meta["classes"], meta, device=device,
+                          fast_decode=fast_decode)
 
 
 def _load_torch_model(meta: dict, meta_path: Path) -> torch.nn.Module:

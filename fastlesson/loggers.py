@@ -19,9 +19,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 
-__all__ = ["LOGGERS", "MissingExtraError", "logger_callbacks", "close_loggers", "log_dir"]
+__all__ = ["LOGGERS", "MissingExtraError", "NotLogging", "logger_callbacks", "close_loggers", "log_dir"]
 
 LOGGERS = ("csv", "tensorboard", "wandb")  # what --log accepts
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # logger -> (pip package, fastlesson extra)
@@ -50,7 +51,17 @@ def _require(kind: str) -> None:
                                 f"pip install 'fastlesson[{kind}]' (or pip install {package})")
 
 
-class RunCSVLogger(CSVLogger):
+class NotLogging(Callback):
+    """What a logger callback becomes when its learner is pickled (fastai's `export`): nothing, so an
+    export.pkl neither holds open files or writers nor needs tensorboard/wandb to load."""
+
+
+class _NotExported:
+    def __reduce__(self):
+        return NotLogging, ()
+
+
+class RunCSVLogger(_NotExported, CSVLogger):
     """fastai's CSVLogger appending every fit of a run to one file; a header line is written when the
     columns change (a new file, or a fit with other metrics), not before every fit."""
 
@@ -75,7 +86,7 @@ class RunCSVLogger(CSVLogger):
 def _tensorboard_class():
     from fastai.callback.tensorboard import TensorBoardCallback
 
-    class RunTensorBoard(TensorBoardCallback):
+    class RunTensorBoard(_NotExported, TensorBoardCallback):
         """fastai's TensorBoardCallback with a step that keeps counting across the fits of a run, per
         training batch only, no graph trace and no image panels (they need a typed fastai DataLoader
         and slow a CPU run)."""
@@ -112,7 +123,7 @@ def _wandb_class():
     import wandb
     from fastai.callback.wandb import WandbCallback
 
-    class RunWandb(WandbCallback):
+    class RunWandb(_NotExported, WandbCallback):
         """fastai's WandbCallback on an offline run; no prediction tables (they need a typed fastai
         DataLoader). `close()` finishes the W&B run."""
 

@@ -12,6 +12,7 @@ import torchvision
 from fastai.callback.hook import num_features_model
 from fastai.data.transforms import Normalize
 from fastai.learner import Learner
+from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import params
 from fastai.vision.core import imagenet_stats
@@ -258,9 +259,27 @@ def _set_normalize(dls, mean, std) -> None:
     dls.add_tfms([Normalize.from_stats(mean, std)], "after_batch")
 
 
+def _smoothed_loss(label_smoothing: float, loss_func):
+    """fastai's label-smoothing cross-entropy for `label_smoothing` > 0 (else `loss_func` as given)."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must be a fraction in [0, 1), e.g. 0.1 (0: off)")
+    if not label_smoothing:
+        return loss_func
+    if loss_func is not None:
+        raise ValueError(f"label_smoothing={label_smoothing!r} and loss_func={loss_func!r} both given: "
+                         f"pass one of them")
+    return LabelSmoothingCrossEntropyFlat(eps=float(label_smoothing))
+
+
 def create_learner(dls, arch: str = "tf_efficientnet_lite0", pretrained: bool = True, opt_func=None,
-                   metrics=None, loss_func=None, **kw) -> Learner:
-    """A fastai Learner: `arch` body + fastai head, three layer groups, the model's own input stats."""
+                   metrics=None, loss_func=None, label_smoothing: float = 0.0, **kw) -> Learner:
+    """A fastai Learner: `arch` body + fastai head, three layer groups, the model's own input stats.
+
+    `label_smoothing` > 0 trains with fastai's LabelSmoothingCrossEntropyFlat(eps=label_smoothing)
+    (the same loss as torch's cross_entropy(label_smoothing=eps)); 0 keeps fastai's default loss.
+    """
+    loss_func = _smoothed_loss(label_smoothing, loss_func)
     n_out = getattr(dls, "c", None)
     if not n_out:
         raise ValueError("dls has no number of classes (dls.c); build it with fastlesson.load_data "

@@ -296,9 +296,9 @@ def build_demo(predict_file: Callable[[str], list[tuple[str, float]]], title: st
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
             with gr.Column():
                 label = gr.Label(num_top_classes=TOP_K, label="Top 5", elem_id="top5")
-        if examples:
-            gr.Examples(examples=[[e] for e in examples], inputs=image, label="Examples from the "
-                        "validation set")
+        if examples:  # a click shows the example's prediction at once (not cached: Spaces would cache)
+            gr.Examples(examples=[[e] for e in examples], inputs=image, outputs=label, fn=classify,
+                        run_on_click=True, cache_examples=False, label="Examples from the validation set")
         gr.Markdown("## Model card\n" + card)
         button.click(classify, inputs=image, outputs=label, api_name="predict")
         image.upload(classify, inputs=image, outputs=label, api_name=False)

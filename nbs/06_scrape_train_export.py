@@ -91,6 +91,8 @@ if not online:
 # interface. We add three bad URLs on purpose, to see how the scraper records them: a missing file
 # (HTTP 404), a text file that is not an image, and an exact copy of an image. The URL list goes to
 # `scrape_dataset` through `from_urls`, exactly what `scripts/scrape.py --from-urls FILE` does.
+# The drawings come from `fastlesson.synthetic.make_image_folder(..., style="drawing")` and the server
+# is `fastlesson.loopback.LoopbackServer`, the same helpers the test suite uses.
 
 # %%
 if not online:

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR [train|kill|stall]
     torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR recipe DATA_DIR RUN_DIR
+    torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR recipe-kill|recipe-resume DATA_DIR RUN_DIR
 
 Trains the tiny 3-group CNN of _tiny.py inside ``distrib_ctx``: find_lr, the head on precomputed
 activations (with an on-disk cache), SGDR with fastlesson's EarlyStopping and NonFiniteGuard, then
@@ -10,7 +11,9 @@ outputs, outside the watched folder). An audit hook records every file the proce
 under OUT_DIR/watched, where the library writes (the precompute cache). Mode ``kill``: rank 1 kills
 itself (SIGKILL) in the second batch of SGDR training; ``stall``: it sleeps there instead. Mode
 ``recipe``: ``scripts/recipe.py --smoke`` on DATA_DIR into RUN_DIR, the audit hook watching RUN_DIR; each
-process writes its exit status and what it wrote to OUT_DIR/rank<r>.json.
+process writes its exit status and what it wrote to OUT_DIR/rank<r>.json. ``recipe-kill``: run_recipe
+with two SGDR cycles in step 8, rank 1 SIGKILLs itself once the checkpoint after the first is written;
+``recipe-resume``: resume_recipe(RUN_DIR) under two processes.
 """
 
 from __future__ import annotations
@@ -160,8 +163,42 @@ def recipe(out: Path, data: str, run: Path) -> None:
     sys.exit(code)
 
 
+RESUME_CFG = dict(size=32, bs=8, epochs_max=3, precompute_epochs=1, head_cycles=1, lr_find_iters=32,
+                  top_losses=4, seed=3)  # smoke-sized, two SGDR cycles in step 8 (1 + 2 epochs)
+
+
+def recipe_resume(out: Path, mode: str, data: str, run: Path) -> None:
+    """Kill rank 1 after step 8's first cycle is checkpointed, or resume that run, both data-parallel."""
+    from fastlesson import distributed as ddp
+    from fastlesson import recipe as rc
+
+    events: list = []
+    _watch(run, events)
+    if mode == "recipe-kill":
+        checkpoint = rc._checkpoint
+
+        def then_die(state, after):
+            checkpoint(state, after)
+            if after == "full_sgdr" and state.progress is not None and state.progress.cycles >= 1:
+                ddp.barrier()  # rank 0 has written the checkpoint
+                if rank() == 1:
+                    (out / "rank1-killed").touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                ddp.barrier()  # rank 0 waits here until torchrun stops it
+
+        rc._checkpoint = then_die
+        rc.run_recipe(rc.RecipeConfig(data=data, out=str(run), **RESUME_CFG))
+    else:
+        res = rc.resume_recipe(run)
+        (out / f"rank{rank()}.json").write_text(json.dumps(
+            {"rank": rank(), "events": events, "accuracy": res.accuracy, "resumed": res.metrics["resumed"],
+             "distributed": res.metrics["distributed"]}))
+
+
 if __name__ == "__main__":
     if sys.argv[2:3] == ["recipe"]:
         recipe(Path(sys.argv[1]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[2].startswith("recipe-"):
+        recipe_resume(Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
     else:
         main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "train")

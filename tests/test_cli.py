@@ -1,17 +1,26 @@
-"""The command lines, run as a user would: scripts/recipe.py (--help, --smoke) and scripts/predict.py."""
+"""The command lines, run as a user would: scripts/recipe.py (--help, --smoke), scripts/predict.py, and
+the one CLI layer (fastlesson/cli.py): every config field an option, help from the field comments, one
+error style (exit 2, one `error:` line) for the recipe, the scraper and the sweep, console scripts."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from fastlesson import cli as cli_mod
+from fastlesson.cli import field_help, parse_recipe_args, recipe_main, scrape_main, sweep_main
 from fastlesson.recipe import RecipeConfig
 
 from _recipe_helpers import write_image_folder
@@ -58,7 +67,9 @@ def test_recipe_help_lists_every_option(capsys):
 
 
 def test_recipe_flags_reach_the_config():
-    parse = script_main("recipe.py").__globals__["parse_args"]
+    def parse(argv):
+        return parse_recipe_args(argv)[0]
+
     assert parse([]) == RecipeConfig()  # no arguments: the offline default (sample data, lite0)
     cfg = parse(["--data", "flowers", "--arch", "resnet34", "--size", "224", "--bs", "16", "--opt", "ranger",
                  "--epochs-max", "15", "--seed", "1", "--out", "o", "--no-precompute", "--no-pretrained",
@@ -133,21 +144,263 @@ def test_predict_pickle_needs_trust_and_then_agrees(smoke_run, tmp_path, capsys)
         assert a["prob"] == pytest.approx(b["prob"], abs=1e-5)
 
 
-@pytest.mark.parametrize("exc", ["missing_folder", "no_weights"])
-def test_recipe_bad_input_is_one_error_line(exc, tmp_path, monkeypatch, capsys):
-    """A missing data folder or unavailable pretrained weights: one `error:` paragraph, exit 2, no traceback."""
-    from fastlesson.models import WeightsUnavailableError
 
-    main = script_main("recipe.py")
-    if exc == "no_weights":
-        def no_weights(cfg):
-            raise WeightsUnavailableError("No ImageNet weights for resnet50 here: use --arch tf_efficientnet_lite0")
-        monkeypatch.setitem(main.__globals__, "run_recipe", no_weights)
-        args = ["--arch", "resnet50"]
-    else:
-        args = ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    assert ("nope" in err) if exc == "missing_folder" else ("tf_efficientnet_lite0" in err)
-    assert not (tmp_path / "out").exists()  # nothing left behind
+# ---------- the one CLI layer ----------
+
+def one_error_line(err: str) -> str:
+    """The single `error:` line of a failed command (progress lines such as torch's "Downloading" may
+    precede it); fails on a traceback or on more than one error line."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+RECIPE_FIELDS = [f.name for f in dataclasses.fields(RecipeConfig)]
+CHOICES = {"opt": "ranger", "log": "csv"}
+
+
+def non_default(name: str):
+    """(argv, expected value) that sets field `name` of RecipeConfig to something other than its default."""
+    tp = typing.get_type_hints(RecipeConfig)[name]
+    default = getattr(RecipeConfig(), name)
+    flag = "--" + name.replace("_", "-")
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    if name in CHOICES:
+        return [flag, CHOICES[name]], CHOICES[name]
+    if base is bool:
+        return ([f"--no-{name.replace('_', '-')}"], False) if default else ([flag], True)
+    if base is int:
+        return [flag, str(default + 1)], default + 1
+    if base is float:
+        value = 0.5 if default is None else default / 2
+        return [flag, str(value)], value
+    return [flag, "some-value"], "some-value"
+
+
+@pytest.mark.parametrize("name", RECIPE_FIELDS)
+def test_every_recipe_field_is_reachable_on_the_cli(name):
+    argv, value = non_default(name)
+    cfg, resume = parse_recipe_args(argv)
+    assert getattr(cfg, name) == value != getattr(RecipeConfig(), name)
+    assert cfg == dataclasses.replace(RecipeConfig(), **{name: value}) and resume is None
+
+
+def test_old_flag_names_still_work_as_aliases():
+    cfg, _ = parse_recipe_args(["--train-bn", "--no-precompute", "--no-pretrained", "--no-tta",
+                                "--valid-every-epoch", "--smoke", "--freeze-to", "0"])
+    assert cfg == RecipeConfig(bn_freeze=False, precompute=False, pretrained=False, tta=False,
+                               valid_every_epoch=True, smoke=True, freeze_to=0)
+    assert parse_recipe_args(["--no-bn-freeze"])[0].bn_freeze is False
+    assert parse_recipe_args(["--hard-mining", "0.25", "--hard-mining", "none"])[0].hard_mining is None
+
+
+def test_recipe_help_text_comes_from_the_field_comments(capsys):
+    with pytest.raises(SystemExit):
+        recipe_main(["--help"])
+    out = "".join(capsys.readouterr().out.split())  # argparse re-wraps the text
+    helps = field_help(RecipeConfig)
+    for name in RECIPE_FIELDS:
+        assert helps[name], f"RecipeConfig.{name} has no comment to take its help from"
+        assert "".join(helps[name].split()) in out, name
+    assert "".join("--head-cycles HEAD_CYCLES".split()) in out and "[default:2]" in out
+    # a comment block above the field (freeze_to's) is its help when there is no trailing comment
+    assert "freeze" in helps["freeze_to"].lower() or "unfreez" in helps["freeze_to"].lower()
+
+
+@dataclass
+class _Example:
+    """A config written the way fastlesson's are."""
+
+    n: int = 3  # batches, per step (100% of them)
+    # a comment block
+    # of two lines
+    ratio: float | None = None
+    names: list[str] = field(default_factory=list, metadata={"help": "from metadata"})
+    flag: bool = True  # switch it off with --no-flag
+    sizes: tuple[int, ...] = (1, 2)
+
+
+def test_field_help_trailing_block_and_metadata():
+    assert field_help(_Example) == {"n": "batches, per step (100% of them)",
+                                    "ratio": "a comment block of two lines", "names": "from metadata",
+                                    "flag": "switch it off with --no-flag", "sizes": ""}
+
+
+def test_config_parser_types_and_defaults(capsys):
+    p = cli_mod.config_parser(_Example, prog="ex")
+    ns = p.parse_args(["--n", "4", "--ratio", "0.5", "--names", "a", "b", "--no-flag", "--sizes", "3", "4", "5"])
+    assert cli_mod.config_from_args(_Example, ns) == _Example(n=4, ratio=0.5, names=["a", "b"], flag=False,
+                                                              sizes=[3, 4, 5])
+    assert cli_mod.config_from_args(_Example, p.parse_args([])) == _Example()
+    p.print_help()
+    out = capsys.readouterr().out
+    assert "(100% of them) [default: 3]" in out and "--flag, --no-flag" in out and "[default: 1 2]" in out
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--n", "three"])
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == \
+        "error: argument --n: invalid int value: 'three'; see ex --help"
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--size", "big"], ["--size", "'big'"]),
+    (["--opt", "adamw"], ["--opt", "'adamw'", "invalid choice", "ranger"]),
+    (["--log", "tb"], ["--log", "'tb'", "tensorboard"]),
+    (["--no-such-flag"], ["--no-such-flag"]),
+    (["--resume", "runs/x", "--size", "64"], ["--resume", "--size"]),
+])
+def test_recipe_bad_options_exit_2_with_one_line(argv, names, capsys):
+    with pytest.raises(SystemExit) as e:
+        recipe_main(argv)
+    line = one_error_line(capsys.readouterr().err)
+    assert e.value.code == 2 and all(n in line for n in names) and "--help" in line
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--size", "8"], ["RecipeConfig.size=8", ">= 16"]),  # config validate(): before any data is read
+    (["--freeze-to", "-1"], ["freeze_to=-1", ">= 0"]),
+    (["--lr-find-iters", "10"], ["lr_find_iters=10", ">= 24"]),
+])
+def test_recipe_bad_config_value_is_one_line_and_writes_nothing(argv, names, tmp_path, capsys):
+    assert recipe_main([*argv, "--out", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert all(n in line for n in names), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_missing_data_folder(tmp_path, capsys):
+    assert recipe_main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "nope" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_no_weights_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A real failure, offline: resnet50's ImageNet weights are neither cached nor downloadable."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    assert recipe_main(["--arch", "resnet50", "--out", str(out), "--smoke"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "resnet50" in line and "--arch tf_efficientnet_lite0" in line
+    assert not out.exists()  # nothing left behind
+
+
+def test_resume_is_wired_to_resume_recipe(tmp_path, monkeypatch, capsys):
+    import fastlesson.recipe as recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "resume_recipe", lambda run_dir: calls.append(run_dir))
+    (tmp_path / "run").mkdir()
+    assert recipe_main(["--resume", str(tmp_path / "run")]) == 0 and calls == [str(tmp_path / "run")]
+    assert recipe_main(["--resume", str(tmp_path / "absent")]) == 2
+    assert "absent" in one_error_line(capsys.readouterr().err) and len(calls) == 1
+
+    def refuse(run_dir):
+        raise ValueError(f"{run_dir} is finished: nothing to resume; start a new run")
+
+    monkeypatch.setattr(recipe, "resume_recipe", refuse)
+    assert recipe_main(["--resume", str(tmp_path / "run")]) == 2
+    assert "is finished" in one_error_line(capsys.readouterr().err)
+
+
+def test_resume_of_the_finished_smoke_run_is_refused_in_one_line(smoke_run, capsys):
+    _, out, _ = smoke_run
+    assert recipe_main(["--resume", str(out)]) == 2
+    assert str(out) in one_error_line(capsys.readouterr().err)
+
+
+# ---------- scrape ----------
+
+def test_scrape_every_field_is_an_option_and_old_flags_work():
+    from fastlesson.scrape import ScrapeConfig
+
+    p = cli_mod.scrape_parser()
+    flags = {s for a in p._actions for s in a.option_strings}
+    for f in dataclasses.fields(ScrapeConfig):
+        if f.name != "classes":
+            assert "--" + f.name.replace("_", "-") in flags, f.name
+    assert "--no-progress" in flags
+    ns = p.parse_args(["daisy", "horse", "--dest", "d", "--n-images", "5", "--type-image", "", "--size", "Large",
+                       "--timeout", "0.5", "--no-progress", "--from-urls", "u.json"])
+    cfg = cli_mod.config_from_args(ScrapeConfig, ns)
+    assert cfg == ScrapeConfig(classes=["daisy", "horse"], dest="d", n_images=5, type_image=None, size="Large",
+                               timeout=0.5, progress=False, from_urls="u.json")
+    assert cli_mod.config_from_args(ScrapeConfig, p.parse_args([])) == ScrapeConfig()
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--from-urls", "{tmp}/missing.json"], ["missing.json"]),
+    ([], ["no classes"]),
+    (["--from-urls", "{tmp}/bad.json"], ["bad.json", "JSON"]),
+])
+def test_scrape_bad_input_exit_2_one_line(argv, names, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert scrape_main([*argv, "--dest", str(tmp_path / "d"), "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert all(n in line for n in names), line
+
+
+def test_scrape_bad_option_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        scrape_main(["daisy", "--max-size", "big"])
+    assert e.value.code == 2 and "--max-size" in one_error_line(capsys.readouterr().err)
+
+
+# ---------- sweep ----------
+
+def test_sweep_every_field_is_an_option_and_grid_axes_take_lists():
+    from fastlesson.sweep import SweepConfig
+
+    p = cli_mod.sweep_parser()
+    flags = {s for a in p._actions for s in a.option_strings}
+    for f in dataclasses.fields(SweepConfig):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+    ns = p.parse_args(["--data", "cifar10", "--lr", "1e-3", "3e-3", "--channels", "32,64", "64,128",
+                       "--opt", "adam", "radam", "--limit", "8", "--out", "o", "--smoke", "--no-aug",
+                       "--bs", "16", "--train-pct", "0.8"])
+    cfg = cli_mod.config_from_args(SweepConfig, ns)
+    assert cfg == SweepConfig(data="cifar10", lr=[1e-3, 3e-3], channels=["32,64", "64,128"], opt=["adam", "radam"],
+                              limit=8, out="o", smoke=True, aug=False, bs=[16], train_pct=0.8)
+
+
+@pytest.mark.parametrize("grid, names", [
+    ("learning_rate: [0.1]\n", ["learning_rate", "valid keys"]),  # a bad key
+    ("lr: [0.1\n", ["bad.yaml"]),  # not YAML
+    ("- 0.1\n", ["mapping"]),  # YAML, but not a mapping
+    (None, ["missing.yaml"]),  # no such file
+])
+def test_sweep_bad_grid_exit_2_one_line_nothing_written(grid, names, tmp_path, capsys):
+    path = tmp_path / ("bad.yaml" if grid is not None else "missing.yaml")
+    if grid is not None:
+        path.write_text(grid)
+    assert sweep_main(["--smoke", "--out", str(tmp_path / "o"), "--grid", str(path)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert all(n in line for n in names), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_bad_option_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep_main(["--lr", "fast"])
+    assert e.value.code == 2 and "'fast'" in one_error_line(capsys.readouterr().err)
+
+
+# ---------- console scripts ----------
+
+@pytest.mark.parametrize("name", ["fastlesson-recipe", "fastlesson-scrape", "fastlesson-sweep"])
+def test_console_script_entry_points(name):
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    if name not in eps:
+        pytest.skip("fastlesson is not installed with its [project.scripts] (pip install -e .)")
+    assert eps[name] == f"fastlesson.cli:{name.split('-')[1]}_main"
+
+
+def test_installed_console_script_runs_help():
+    exe = shutil.which("fastlesson-scrape")
+    if exe is None:
+        pytest.skip("fastlesson-scrape is not on PATH (pip install -e .)")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0 and "--from-urls" in res.stdout and "usage: fastlesson-scrape" in res.stdout

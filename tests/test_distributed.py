@@ -141,6 +141,25 @@ def test_recipe_smoke_under_two_processes_writes_one_run_folder_from_rank_0(tmp_
     assert proc.stdout.count("Step 8/8") == 1  # one log: rank 0's
 
 
+def test_recipe_killed_in_step_8_resumes_under_two_processes(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    killed = torchrun([WORKER, tmp_path, "recipe-kill", data, run], timeout_s=120)
+    assert killed.returncode != 0 and (tmp_path / "rank1-killed").exists(), killed.stderr[-4000:]
+    assert (run / "checkpoint" / "state.json").is_file() and not (run / "metrics.json").exists()
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["after"] == "full_sgdr cycle 1"
+    resumed = torchrun([WORKER, tmp_path, "recipe-resume", data, run], timeout_s=120)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["events"] == [] and r0["events"]
+    assert r0["accuracy"] == r1["accuracy"]
+    assert r0["resumed"][0]["after"] == "full_sgdr cycle 1" and r0["distributed"]["world_size"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    step8 = next(s for s in metrics["steps"] if s["name"] == "full_sgdr")
+    assert (step8["epochs"], step8["cycles"]) == (3, 2)  # the second cycle ran after the resume
+
+
 # --------------------------------------------------------------------------------------------------------
 # in-process: a one-process gloo group
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import pickle
 import random
 import time
 
@@ -11,7 +12,14 @@ import pytest
 import torch
 
 from fastlesson import find_lr
-from fastlesson.loggers import LOGGERS, MissingExtraError, close_loggers, log_dir, logger_callbacks
+from fastlesson.loggers import (
+    LOGGERS,
+    MissingExtraError,
+    NotLogging,
+    close_loggers,
+    log_dir,
+    logger_callbacks,
+)
 
 from _tiny import make_tiny_learner
 
@@ -90,6 +98,20 @@ def test_wandb_offline_run_written(tmp_path, monkeypatch):
     import wandb
 
     assert wandb.run is None  # close_loggers finished it
+
+
+@pytest.mark.parametrize("kind", LOGGERS)
+def test_a_pickled_learner_carries_no_logger(kind, tmp_path, monkeypatch):
+    """fastai's export pickles the learner with its callbacks: a logger must not break it (open files,
+    writers, local classes) nor make export.pkl need tensorboard/wandb."""
+    if importlib.util.find_spec({"csv": "csv"}.get(kind, kind)) is None:
+        pytest.skip(f"extra {kind!r} not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cbs = logger_callbacks(kind, tmp_path / "run")
+    learn = two_fits(cbs, tmp_path)
+    learn.add_cbs(cbs)
+    back = pickle.loads(pickle.dumps(learn.cbs))
+    assert [type(cb) for cb in back if isinstance(cb, NotLogging)] == [NotLogging]
 
 
 def test_none_is_no_loggers_and_bad_kind_is_named(tmp_path):

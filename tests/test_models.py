@@ -246,3 +246,20 @@ def test_create_learner_from_scratch_is_not_frozen(dls):
     learn.create_opt()
     assert all(p.requires_grad for p in learn.model.parameters())
     assert learn.metrics == []
+
+
+def test_label_smoothing_is_torchs_smoothed_cross_entropy(dls):
+    learn = create_learner(dls, "tf_efficientnet_lite0", pretrained=False, label_smoothing=0.1)
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    want = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    assert torch.allclose(learn.loss_func(logits, y), want, atol=1e-6)
+    plain = create_learner(dls, "tf_efficientnet_lite0", pretrained=False)
+    assert not torch.allclose(plain.loss_func(logits, y), want, atol=1e-4)  # fastai's default: no smoothing
+
+
+@pytest.mark.parametrize("kw", [{"label_smoothing": 1.0}, {"label_smoothing": -0.1},
+                                {"label_smoothing": 0.1, "loss_func": torch.nn.CrossEntropyLoss()}])
+def test_bad_label_smoothing_is_a_value_error(dls, kw):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        create_learner(dls, "tf_efficientnet_lite0", pretrained=False, **kw)

@@ -335,3 +335,46 @@ def test_plot_schedules_saves_png(tmp_path):
     assert (tmp_path / "out" / "lrs.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="schedules"):
         plot_schedules({})
+
+
+# ---------------------------------------------------------------- fit_until_overfit: plans and resuming
+
+
+def test_fit_until_overfit_runs_given_cycle_lengths_and_reports_each_cycle(tiny_learner):
+    from fastlesson.schedule import fit_until_overfit
+
+    learn, seen = tiny_learner(n_train=64), []
+    stop = fit_until_overfit(learn, 3e-3, epochs_max=4, baseline=float("inf"), cycle_lengths=[1, 3],
+                             after_cycle=lambda progress, best: seen.append((progress.cycles, progress.epochs)))
+    assert seen[0] == (1, 1) and len(seen) == stop["cycles"]
+    if stop["cycles"] == 2:
+        assert stop["epochs"] == 4 and "planned cycle(s)" in stop["reason"]
+    with pytest.raises(ValueError, match="cycle_lengths"):
+        fit_until_overfit(learn, 3e-3, epochs_max=4, cycle_lengths=[1, 0])
+
+
+def test_fit_until_overfit_resumed_after_a_cycle_equals_one_fit(tiny_learner):
+    """Cycle 1, then the saved (progress, best) and weights/optimizer carried into a second call: the
+    same weights as cycles 1 and 2 in one call (same batch order)."""
+    from fastlesson.callbacks import BestWeights
+    from fastlesson.schedule import OverfitProgress, fit_until_overfit
+
+    def make():
+        torch.manual_seed(0)
+        learn = tiny_learner(n_train=64)
+        learn.dls.train.rng.seed(1)
+        return learn
+
+    whole = make()
+    with whole.no_bar(), whole.no_logging():
+        a = fit_until_overfit(whole, 3e-3, epochs_max=3, baseline=float("inf"))
+    split = make()
+    best, progress = BestWeights(split.model, float("inf")), OverfitProgress()
+    with split.no_bar(), split.no_logging():
+        fit_until_overfit(split, 3e-3, epochs_max=1, baseline=float("inf"), best=best, progress=progress)
+        progress.reason = None  # stopped by epochs_max=1 only: go on as one call would
+        if a["cycles"] == 2:  # cycle 2 ran in one call: load the cycle-1 end state and go on
+            b = fit_until_overfit(split, 3e-3, epochs_max=3, best=best, progress=progress)
+            assert (b["cycles"], b["epochs"], b["best_epoch"]) == (a["cycles"], a["epochs"], a["best_epoch"])
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, split.model.state_dict()[k]), k
