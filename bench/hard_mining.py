@@ -55,7 +55,8 @@ TRAIN_PER_CLASS = 0  # images per class used for training (0 = all 5000: the ful
 TEST_PER_CLASS = 0  # images per class for the test accuracy (0 = all: 200/class here)
 # One-cycle epochs, the same for every arm; "auto" = the most (up to MAX_EPOCHS) whose projection from a
 # few measured batches fits BUDGET_MIN. Measured under the other engineers' load on this 2-core CPU:
-# ~1.5 ms per training image (channels-last), ~75 s per epoch of 50,000 -> 7 runs x 5 epochs in 45 min.
+# 1.8-2.6 ms per training image (channels-last, 1 thread), 100-145 s per epoch of 50,000 -> only 3-4
+# epochs for 6.5 runs in 45 min; a quiet machine fits more. The plateau check says whether it was enough.
 EPOCHS = "auto"
 MAX_EPOCHS = 16  # the auto schedule stops here (a 30k-parameter model is near its plateau by then)
 MIN_EPOCHS = 3

@@ -199,9 +199,15 @@ def _add_field(p, name: str, tp, default, helptext: str, positional: bool = Fals
 
 
 def config_from_args(cls: type, ns: argparse.Namespace, **extra):
-    """`cls(**fields found in ns, **extra)`; list-typed fields get lists (tuples stay tuples)."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    values = {k: v for k, v in vars(ns).items() if k in names}
+    """`cls(**fields found in ns, **extra)`; tuple-typed fields get tuples (argparse gives lists)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.init and f.name in vars(ns):
+            value = getattr(ns, f.name)
+            base = _split_optional(hints[f.name])[0]
+            is_tuple = typing.get_origin(base) is tuple or base is tuple
+            values[f.name] = tuple(value) if is_tuple and isinstance(value, list) else value
     return cls(**{**values, **extra})
 
 

@@ -495,6 +495,13 @@ def to_distributed(learn, sync_bn: bool | None = None, **accelerator_kwargs):
 
 def detach_distributed(learn):
     """Undo ``to_distributed``: `learn` trains in this process alone again (progress bar back)."""
-    learn.remove_cbs([c for c in learn.cbs if isinstance(c, _FastaiDistributedTrainer)])
+    trainers = [c for c in learn.cbs if isinstance(c, _FastaiDistributedTrainer)]
+    if isinstance(learn.model, DistributedDataParallel):  # a fit that raised never reached after_fit
+        learn.model = learn.model.module
+        for cb in trainers:
+            if getattr(cb, "old_dls", None):
+                learn.dls.loaders = cb.old_dls
+            _restore_bn(getattr(cb, "_swaps", []))
+    learn.remove_cbs(trainers)
     learn.add_cbs(learn.__dict__.pop("_fastlesson_bars", []))
     return learn

@@ -254,22 +254,27 @@ def example_files(folder) -> list[str]:
     return sorted(str(p) for p in d.iterdir() if p.suffix.lower() in exts) if d.is_dir() else []
 
 
-def _checked_image_cls():
-    """gr.Image whose upload check turns an unreadable file into a readable message in the page."""
+def _checked_image(**kw):
+    """gr.Image whose upload check turns an unreadable file into a readable message in the page.
+
+    Its preprocess is wrapped on the instance: a gr.Image subclass would make gradio write a .pyi
+    stub next to this file (gradio does that for every component class defined outside gradio).
+    """
     import gradio as gr
 
-    class CheckedImage(gr.Image):
-        is_template = True  # the browser side is gradio's own Image component
+    image = gr.Image(**kw)
+    preprocess = image.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                name = Path(getattr(payload, "orig_name", None) or "the upload").name
-                raise gr.Error(f"{name} is not an image this demo can read ({type(e).__name__}); "
-                               "upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo") from e
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            name = Path(getattr(payload, "orig_name", None) or "the upload").name
+            raise gr.Error(f"{name} is not an image this demo can read ({type(e).__name__}); "
+                           "upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo") from e
 
-    return CheckedImage
+    image.preprocess = checked
+    return image
 
 
 def build_demo(predict_file: Callable[[str], list[tuple[str, float]]], title: str, card: str,
@@ -290,9 +295,8 @@ def build_demo(predict_file: Callable[[str], list[tuple[str, float]]], title: st
                     "likely classes.")
         with gr.Row():
             with gr.Column():
-                image = _checked_image_cls()(type="filepath", image_mode=None, label="Image",
-                                             sources=["upload", "clipboard", "webcam"],
-                                             elem_id="input-image")
+                image = _checked_image(type="filepath", image_mode=None, label="Image",
+                                       sources=["upload", "clipboard", "webcam"], elem_id="input-image")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
             with gr.Column():
                 label = gr.Label(num_top_classes=TOP_K, label="Top 5", elem_id="top5")

@@ -96,7 +96,7 @@ def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
     from _recipe_helpers import write_image_folder
 
     fixed = Timings(spent=1.0, precompute_epoch=0.1, head_epoch=1.0, lr_find_full=1.0, full_epoch=0.5,
-                    valid=0.1, finish=0.5)  # 6 s: step 3 1 epoch, step 4 1 cycle, step 8 cycles [1, 2]
+                    valid=0.1, finish=0.5)  # 6 s: step 3 1 epoch, step 4 1 cycle; step 8 (replanned) 1, 2, 2
     monkeypatch.setattr(recipe, "_timings", lambda state: fixed)
     data = write_image_folder(tmp_path / "data")
     buf = io.StringIO()
@@ -107,9 +107,10 @@ def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
     head, full = printed.index("Step 8/8"), printed.index("budget plan:")
     assert head < full < printed.index("cycle 1:")
     b = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]
-    assert b["budget_min"] == 0.1 and b["planned"]["full_cycles"] == [1, 2]
-    assert b["planned"]["head_cycles"] == 1 and 1 <= b["actual"]["full_cycles"] <= 2
-    assert "SGDR cycles of 1, 2 epoch(s)" in printed
+    assert b["budget_min"] == 0.1 and b["first_plan"]["full_cycles"] == [1, 2]
+    assert b["planned"]["full_cycles"] == [1, 2, 2]  # re-planned at step 8, steps 3-4 done
+    assert b["planned"]["head_cycles"] == 1 and 1 <= b["actual"]["full_cycles"] <= 3
+    assert "SGDR cycles of 1, 2, 2 epoch(s)" in printed
     assert b["planned"]["precompute_epochs"] == res.config.precompute_epochs  # smoke: 1, all it asks
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Time budget" in md and "| planned |" in md and "| actual |" in md

@@ -21,6 +21,7 @@ from PIL import Image
 
 from fastlesson import cli as cli_mod
 from fastlesson.cli import field_help, parse_recipe_args, recipe_main, scrape_main, sweep_main
+from fastlesson.predict import predict_main
 from fastlesson.recipe import RecipeConfig
 
 from _recipe_helpers import write_image_folder
@@ -121,13 +122,13 @@ def test_predict_exit_code_when_nothing_predicted(smoke_run, tmp_path, capsys):
     _, out, _ = smoke_run
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"nope")
-    assert script_main("predict.py")([str(out), str(broken), str(tmp_path / "absent.jpg")]) == 1
+    assert predict_main([str(out), str(broken), str(tmp_path / "absent.jpg")]) == 1
     assert "no image could be predicted" in capsys.readouterr().err
 
 
 def test_predict_pickle_needs_trust_and_then_agrees(smoke_run, tmp_path, capsys):
     _, out, data = smoke_run
-    main = script_main("predict.py")
+    main = predict_main
     assert main([str(out / "export.pkl"), str(data / "valid"), "--json"]) == 2
     captured = capsys.readouterr()
     assert "--trust-pickle" in captured.err and not captured.out.strip()
@@ -232,7 +233,7 @@ def test_config_parser_types_and_defaults(capsys):
     p = cli_mod.config_parser(_Example, prog="ex")
     ns = p.parse_args(["--n", "4", "--ratio", "0.5", "--names", "a", "b", "--no-flag", "--sizes", "3", "4", "5"])
     assert cli_mod.config_from_args(_Example, ns) == _Example(n=4, ratio=0.5, names=["a", "b"], flag=False,
-                                                              sizes=[3, 4, 5])
+                                                              sizes=(3, 4, 5))
     assert cli_mod.config_from_args(_Example, p.parse_args([])) == _Example()
     p.print_help()
     out = capsys.readouterr().out
