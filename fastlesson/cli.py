@@ -30,6 +30,7 @@ __all__ = ["field_help", "config_parser", "config_from_args", "one_line", "recip
            "sweep_main", "USAGE_ERROR"]
 
 USAGE_ERROR = 2  # exit status for bad input, argparse's own
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as a shell reports it
 NONE_WORDS = ("none", "")  # what an `X | None` option takes for None
 
 
@@ -306,7 +307,13 @@ def recipe_main(argv: Sequence[str] | None = None, prog: str = "fastlesson-recip
             return 0
         from fastlesson.recipe import run_recipe
 
-        run_recipe(cfg)
+        # the run folder named now, so that an interrupted run can say how to continue it
+        run_cfg = cfg if cfg.out is not None else dataclasses.replace(cfg, out=cfg.effective().out)
+        try:
+            run_recipe(run_cfg)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: continue with `{prog} --resume {run_cfg.out}`", file=sys.stderr)
+            return INTERRUPTED
         return 0
 
     return _run(body)

@@ -306,6 +306,20 @@ def test_resume_is_wired_to_resume_recipe(tmp_path, monkeypatch, capsys):
     assert "is finished" in one_error_line(capsys.readouterr().err)
 
 
+def test_ctrl_c_names_the_resume_command(tmp_path, monkeypatch, capsys):
+    import fastlesson.recipe as recipe
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "run_recipe", interrupted)
+    assert recipe_main(["--out", str(tmp_path / "run")]) == 130
+    assert f"--resume {tmp_path / 'run'}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert recipe_main([]) == 130  # no --out: the run folder is named before the run starts
+    assert "--resume runs/sample-tf_efficientnet_lite0-" in capsys.readouterr().err
+
+
 def test_resume_of_the_finished_smoke_run_is_refused_in_one_line(smoke_run, capsys):
     _, out, _ = smoke_run
     assert recipe_main(["--resume", str(out)]) == 2

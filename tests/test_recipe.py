@@ -155,7 +155,7 @@ def test_best_weights_restored_and_exported(run):
     best = next(s for s in res.steps if s["name"] == "full_sgdr")["best_valid_loss"]
     assert res.valid_loss == pytest.approx(best, rel=1e-4, abs=1e-5)
     files = sorted((root / "valid").rglob("*.jpg"))
-    probs = load_model(out, device="cpu").probs(files)
+    probs = load_model(out, device="cpu", fast_decode=False).probs(files)
     dl = res.learn.dls.test_dl(files)
     ref, _ = res.learn.get_preds(dl=dl)
     assert torch.allclose(probs, ref, atol=1e-5)
@@ -390,7 +390,7 @@ def test_accuracy_recomputed_from_the_bundle_and_the_true_labels(run):
     against the class folder each image sits in (no fastai on this side)."""
     res, out, root, _, _ = run
     files = sorted((root / "valid").rglob("*.jpg"))
-    predictor = load_model(out, device="cpu")
+    predictor = load_model(out, device="cpu", fast_decode=False)
     classes = list(predictor.classes) if hasattr(predictor, "classes") else list(res.learn.dls.vocab)
     truth = [classes.index(f.parent.name) for f in files]
     probs = predictor.probs(files)
