@@ -680,9 +680,11 @@ def test_pixel_cap_and_size_limits_are_inclusive_bounds(tmp_path):
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped():
-    a16 = np.array([[0, 257, 32896, 65535]], np.uint16)  # 0, 1, 128, 255 in 8 bits
-    got = np.asarray(_to_rgb(Image.fromarray(a16), []))[0, :, 0]
-    assert got.tolist() == [0, 1, 128, 255]
+    a16 = np.array([[0, 257, 32896, 65535]])  # 0, 1, 128, 255 in 8 bits
+    # every 16-bit layout PIL can hand over (big-endian TIFFs open as I;16B)
+    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
+        im = Image.frombytes(mode, (4, 1), a16.astype(dtype).tobytes())
+        assert np.asarray(_to_rgb(im, []))[0, :, 0].tolist() == [0, 1, 128, 255], mode
     a32 = Image.fromarray(np.array([[0, 257, 32896, 65535]], np.int32), "I")
     assert np.asarray(_to_rgb(a32, []))[0, :, 0].tolist() == [0, 1, 128, 255]
     f = Image.fromarray(np.array([[-1.0, 0.0, 1.0, 3.0]], np.float32), "F")  # no fixed range: stretched
@@ -713,6 +715,19 @@ def test_transparent_pixels_become_white_opaque_ones_keep_their_colour(mode):
     if mode == "RGBA":
         assert out[0, 0].tolist() == [200, 40, 40]
     assert out[0, 0].min() < 200  # not washed out to white
+
+
+def test_palette_transparent_index_becomes_white():
+    """A palette PNG's transparent index shows the page behind it (white), not the colour it stores."""
+    a = np.zeros((2, 2), np.uint8)
+    a[0, 1] = 1
+    im = Image.fromarray(a, "P")
+    im.putpalette([10, 10, 10, 200, 40, 40] + [0] * 762)
+    im.info["transparency"] = 0  # index 0 (stored as near-black) is transparent
+    notes = []
+    out = np.asarray(_to_rgb(im, notes)).astype(int)
+    assert notes == ["palette->RGB", "alpha on white"]
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [200, 40, 40]
 
 
 def test_palette_without_transparency_keeps_its_colours():
