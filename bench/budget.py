@@ -42,6 +42,8 @@ def run_one(data: Path, out: Path, budget: float | None, args) -> dict:
 
 
 def _fmt_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['budget_min']:g} | refused: {r['error']} | | | | | | |"
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     budget = "default" if r["budget_min"] is None else f"{r['budget_min']:g}"
     planned = "-" if r["planned_min"] is None else f"{r['planned_min']:.2f}"
@@ -69,7 +71,11 @@ def main(argv=None) -> int:
             data = subsample(data, args.limit, Path(tmp) / "data")
         for budget in ([] if args.skip_default else [None]) + list(args.budgets):
             name = "default" if budget is None else f"budget{budget:g}"
-            rows.append(run_one(data, Path(tmp) / name, budget, args))
+            try:
+                rows.append(run_one(data, Path(tmp) / name, budget, args))
+            except ValueError as e:  # a budget too short for this machine: said before any training
+                print(f"\n{name}: {e}")
+                rows.append({"budget_min": budget, "error": str(e)})
     print("\n## Time budget vs the default run\n")
     print(f"data {args.data}{f' (limit {args.limit})' if args.limit else ''}, {ARCH}, {args.size} px, "
           f"seed {args.seed}\n")

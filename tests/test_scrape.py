@@ -685,11 +685,13 @@ def test_16_bit_and_float_images_are_scaled_not_clipped():
     for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
         im = Image.frombytes(mode, (4, 1), a16.astype(dtype).tobytes())
         assert np.asarray(_to_rgb(im, []))[0, :, 0].tolist() == [0, 1, 128, 255], mode
-    a32 = Image.fromarray(np.array([[0, 257, 32896, 65535]], np.int32), "I")
-    assert np.asarray(_to_rgb(a32, []))[0, :, 0].tolist() == [0, 1, 128, 255]
-    f = Image.fromarray(np.array([[-1.0, 0.0, 1.0, 3.0]], np.float32), "F")  # no fixed range: stretched
+    a32 = Image.fromarray(np.array([[0, 257, 32896, 65535, -1000, 100_000]], np.int32), "I")
+    assert np.asarray(_to_rgb(a32, []))[0, :, 0].tolist() == [0, 1, 128, 255, 0, 255]  # clipped, no wrap
+    f = Image.fromarray(np.array([[-1.0, 0.0, 1.0, 2.0, 3.0]], np.float32), "F")  # no fixed range: stretched
     notes = []
-    assert np.asarray(_to_rgb(f, notes))[0, :, 0].tolist() == [0, 64, 128, 255]
+    assert np.asarray(_to_rgb(f, notes))[0, :, 0].tolist() == [0, 64, 128, 191, 255]
+    narrow = Image.fromarray(np.array([[0.0, 0.25, 0.5]], np.float32), "F")  # a range under 1 is stretched too
+    assert np.asarray(_to_rgb(narrow, []))[0, :, 0].tolist() == [0, 128, 255]
     assert notes == ["16-bit->8-bit", "L->RGB"]
     flat = Image.fromarray(np.full((1, 3), 7.5, np.float32), "F")  # constant: no division by zero
     assert np.asarray(_to_rgb(flat, []))[0, :, 0].tolist() == [0, 0, 0]
