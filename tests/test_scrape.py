@@ -659,6 +659,21 @@ def test_near_miss_signatures_are_not_images(head):
     assert scrape_fetch.sniff_format(head) is None
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_animated_gif_keeps_its_first_frame(tmp_path, n):
+    frames = [Image.new("RGB", (64, 64), c) for c in (RED, GREEN, (20, 20, 220))[:n]]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out = normalise_image(save(tmp_path, data, "a.gif"), min_size=8)
+    assert out.status == "ok" and out.notes == f"first of {n} frames; palette->RGB"
+    with Image.open(io.BytesIO(out.data)) as im:
+        assert close_colours([im.getpixel((32, 32))], [RED])
+
+
+def test_unidentifiable_bytes_are_not_images(tmp_path):
+    out = normalise_image(save(tmp_path, b"plain text, not an image\n" * 20))
+    assert out.status == "not_image" and out.reason.startswith("PIL cannot identify it") and not out.data
+
+
 def test_bmp_signature_with_garbage_is_rejected_not_crashed(tmp_path):
     out = normalise_image(save(tmp_path, b"BM" + b"\x00junk" * 40))
     assert out.status in ("not_image", "corrupt") and out.reason and not out.data
@@ -671,7 +686,7 @@ def test_pixel_cap_and_size_limits_are_inclusive_bounds(tmp_path):
     assert normalise_image(p, min_size=60).status == "ok"  # shorter side exactly min_size
     assert normalise_image(p, min_size=61).status == "too_small"
     at = normalise_image(p, max_size=80, min_size=8)
-    assert (at.width, at.height) == (80, 60) and "resized" not in at.notes
+    assert (at.width, at.height) == (80, 60) and at.notes == ""  # one frame, no EXIF, no resize
     down = normalise_image(p, max_size=79, min_size=8)
     assert (down.width, down.height) == (79, 59) and "resized from 80x60" in down.notes
     assert down.orig_size == (80, 60)
