@@ -142,8 +142,9 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def mean_std(xs: list[float], scale: float = 100.0) -> str:
-    """'m ± s' of xs (times `scale`, e.g. percent); the sample std, 0 for one value."""
+    """'m ± s' of xs (times `scale`, e.g. percent), the sample std; just 'm' for one value (no spread)."""
     import statistics
 
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{scale * statistics.mean(xs):.2f} ± {scale * sd:.2f}"
+    if len(xs) < 2:
+        return f"{scale * statistics.mean(xs):.2f}"
+    return f"{scale * statistics.mean(xs):.2f} ± {scale * statistics.stdev(xs):.2f}"

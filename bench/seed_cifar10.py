@@ -220,7 +220,7 @@ def seed_table(configs: list[SeedConfig], results: list[dict], args) -> str:
         ("FC layers", lambda c: str(len(c.fc))), ("FC sizes", lambda c: ", ".join(map(str, c.fc))),
         ("dropout", lambda c: f"yes ({c.dropout:g})" if c.dropout else "no"),
         ("**seed's test accuracy**", lambda c: f"{c.seed_acc:.2f}%" if c.seed_acc else "(not reported)"),
-        (f"**our test accuracy** (mean ± std, {args.seeds} seed{'s' * (args.seeds > 1)})",
+        (f"**our test accuracy** ({'mean ± std, ' * (args.seeds > 1)}{args.seeds} seed{'s' * (args.seeds > 1)})",
          lambda c: _cell(by[c.name], lambda rs: mean_std([r["test_acc"] for r in rs]) + "%")),
         ("our final train / valid loss", lambda c: _cell(by[c.name], lambda rs: " / ".join(
             f"{np.mean([r[k][-1] for r in rs]):.3f}" for k in ("train_loss", "valid_loss")))),

@@ -669,6 +669,12 @@ def test_animated_gif_keeps_its_first_frame(tmp_path, n):
         assert close_colours([im.getpixel((32, 32))], [RED])
 
 
+def test_jpeg_quality_reaches_the_saved_file(tmp_path):
+    p = save(tmp_path, encode(pattern(6), "PNG"), "q.png")
+    sizes = [len(normalise_image(p, min_size=8, quality=q).data) for q in (50, 90)]
+    assert sizes[1] > sizes[0] * 1.3, sizes  # quality 90 (the scraper's) keeps far more detail than 50
+
+
 def test_unidentifiable_bytes_are_not_images(tmp_path):
     out = normalise_image(save(tmp_path, b"plain text, not an image\n" * 20))
     assert out.status == "not_image" and out.reason.startswith("PIL cannot identify it") and not out.data

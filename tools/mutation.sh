@@ -38,7 +38,7 @@ declare -A TESTS=(
 # covered by the normalise_image unit tests (pixels of known images); the end-to-end scrape tests would
 # add minutes per mutant (tools/mutation.sh scrape_fetch runs them all)
 declare -A KEXPR=(
-  [scrape_image]="cmyk or exif_orientation or format_comes or signature or garbage or unidentifiable or animated_gif or inclusive or scaled or transparent or palette or phash_distance or bomb or truncated or too_small_and_resize or near_duplicate_threshold"
+  [scrape_image]="cmyk or exif_orientation or format_comes or signature or garbage or unidentifiable or jpeg_quality or animated_gif or inclusive or scaled or transparent or palette or phash_distance or bomb or truncated or too_small_and_resize or near_duplicate_threshold"
   [scrape_fetch]="not recipe_smoke"
 )
 # module -> time cap in seconds; the caps add up to 90 minutes
