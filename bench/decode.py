@@ -79,12 +79,12 @@ def _make_small(big: Path, dst: Path, side: int) -> None:
     from PIL import Image
 
     from fastlesson._io import atomic_write
-    from fastlesson.data import _reduced_size
+    from fastlesson.images import reduced_size
 
     if dst.is_file():
         return
     img = Image.open(big).convert("RGB")
-    small = img.resize(_reduced_size(img.size, side), Image.Resampling.LANCZOS)
+    small = img.resize(reduced_size(img.size, side), Image.Resampling.LANCZOS)
     atomic_write(dst, lambda p: small.save(p, format="JPEG", quality=QUALITY))
 
 

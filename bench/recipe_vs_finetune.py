@@ -85,7 +85,7 @@ def fastai_learner(data: Path, cfg, seed: int):
 def timed_epochs(data: Path, cfg, seed: int) -> tuple[float, float, float]:
     """Seconds for one frozen and one unfrozen epoch (training + validation) and for TTA (0 without)
     on a throwaway learner."""
-    from fastlesson.recipe import TTA_N
+    from fastlesson.export import learner_tta
 
     learn = fastai_learner(data, cfg, seed)
     with learn.no_bar(), learn.no_logging():
@@ -99,7 +99,7 @@ def timed_epochs(data: Path, cfg, seed: int) -> tuple[float, float, float]:
         t_tta = 0.0
         if cfg.tta:
             t0 = time.perf_counter()
-            learn.tta(n=TTA_N)
+            learner_tta(learn)
             t_tta = time.perf_counter() - t0
     return t_frozen, t_unfrozen, t_tta
 
@@ -108,7 +108,8 @@ def run_pair(data: Path, a, arch: str, out: Path) -> dict:
     """The recipe for `arch`, then plain fine_tune given the recipe's wall time; their figures."""
     from fastai.metrics import accuracy
 
-    from fastlesson.recipe import TTA_N, RecipeConfig, run_recipe
+    from fastlesson.export import learner_tta
+    from fastlesson.recipe import RecipeConfig, run_recipe
 
     size = input_size(a.size, arch)
     cfg = RecipeConfig(data=str(data), arch=arch, size=size, bs=a.bs, opt=a.opt, epochs_max=a.epochs_max,
@@ -133,7 +134,7 @@ def run_pair(data: Path, a, arch: str, out: Path) -> dict:
     ft_loss, ft_acc = (float(v) for v in learn.validate())
     ft_tta = None
     if cfg.tta:
-        ft_tta = float(accuracy(*learn.tta(n=TTA_N)))
+        ft_tta = float(accuracy(*learner_tta(learn)))  # flip TTA, as the recipe reports it
     t_ft = time.perf_counter() - t0
     return {"arch": arch, "size": cfg.size, "cfg": cfg, "res": res, "data_info": res.metrics["final"],
             "recipe": {"accuracy": res.accuracy, "accuracy_tta": res.accuracy_tta, "seconds": t_recipe,

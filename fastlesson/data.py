@@ -55,7 +55,7 @@ MIN_SCALE = 0.35  # smallest training crop, as a fraction of the image area
 # 1/8 scale (the entropy decoding reads every byte), its cached 267x200 copy ~1 ms.
 CACHE_FACTOR = 2  # short side / decode side from which a reduced copy is cached
 CACHE_ENV = "FASTLESSON_CACHE"  # overrides the cache root (default $XDG_CACHE_HOME or ~/.cache, + fastlesson)
-CACHE_FORMAT = "r1"  # bump when the reduced copies change (resize filter, format): old files are ignored
+CACHE_FORMAT = "r2"  # bump when the reduced copies change (resize filter, format): old files are ignored
 PREPARE_THREADS = 4  # PIL decodes, resizes and hashlib hashes with the GIL released
 
 
@@ -114,27 +114,14 @@ def decode_side(size: int, val_xtra: float = VAL_XTRA) -> int:
     return size + math.ceil(size * val_xtra / 8) * 8
 
 
-def _reduced_size(full: tuple[int, int], side: int) -> tuple[int, int]:
-    """(w, h) of a `full`-sized image with its short side at `side` px (aspect kept); `full` if not larger."""
-    w, h = full
-    if min(w, h) <= side:
-        return w, h
-    return (max(side, round(w * side / h)), side) if w >= h else (side, max(side, round(h * side / w)))
-
-
 def open_reduced(path, side: int) -> Image.Image:
     """RGB image, EXIF-upright, short side min(its own, `side`) px; JPEGs decoded at reduced scale.
 
     The output size is computed from the full-size image, so a drafted decode (1/8 of 1200x900 is
-    150x113) and a full decode give the same size (107x80 at 80 px).
+    150x113) and a full decode give the same size (107x80 at 80 px). The same function as predict's
+    and the app's decode (fastlesson.images.load_rgb with min_side).
     """
-    img = load_rgb(path, min_side=side)
-    with Image.open(path) as im:
-        full = im.size  # header only
-    if (img.width >= img.height) != (full[0] >= full[1]):
-        full = full[::-1]  # EXIF rotation by 90 degrees
-    size = _reduced_size(full, side)
-    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+    return load_rgb(path, min_side=side)
 
 
 def default_image_cache() -> Path:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from fastai.callback.core import Callback
 from fastai.data.transforms import Normalize, image_extensions
 from fastai.vision.augment import RandomResizedCrop, Resize
 from PIL import Image
@@ -284,36 +285,42 @@ def export_onnx(learn, out_dir, n_check: int = ONNX_CHECK_N) -> dict:
 # ---------------------------------------------------------------- TTA and examples
 
 
-@torch.no_grad()
+class MirrorInputs(Callback):
+    """Mirror every batch's images left to right: the second pass of flip TTA, run through
+    ``get_preds`` so that a data-parallel run gathers it like any other prediction."""
+
+    order = 1  # before the model sees the batch
+
+    def before_batch(self):
+        self.learn.xb = (self.xb[0].flip(-1), *self.xb[1:])
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    return x.float().softmax(-1)
+
+
 def learner_tta(learn, dl=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs, targets) over `dl` (default the validation DataLoader) with fastlesson's flip TTA:
     the mean of softmax(model(x)) and softmax(model(x mirrored)), x validation-transformed.
 
     The same definition as ``Predictor.probs(tta=True)`` on both backends (``space_app.flip_tta``);
-    deterministic, unlike fastai's ``learn.tta`` (random augmented passes).
+    deterministic, unlike fastai's ``learn.tta`` (random augmented passes). Two ``get_preds``
+    passes, so it works inside ``distrib_ctx`` too (predictions gathered from every process).
     """
     dl = learn.dls.valid if dl is None else dl
-    model = learn.model
-    was = model.training
-    model.eval()
-    probs, targs = [], []
-    try:
-        for b in dl:
-            x = b[0].as_subclass(torch.Tensor)
-            p = (model(x).float().softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
-            probs.append(p.cpu())
-            targs.append(b[1].as_subclass(torch.Tensor).cpu())
-    finally:
-        model.train(was)
-    if not probs:
+    if len(dl.dataset) == 0:
         return torch.empty(0, learn.dls.c), torch.empty(0, dtype=torch.long)
-    return torch.cat(probs), torch.cat(targs)
+    plain, targs = learn.get_preds(dl=dl, act=_softmax)
+    mirrored, _ = learn.get_preds(dl=dl, act=_softmax, cbs=[MirrorInputs()])
+    return ((plain + mirrored) / 2).as_subclass(torch.Tensor), targs.as_subclass(torch.Tensor)
 
 
 def _valid_items_and_labels(learn) -> list[tuple[Path, str]]:
     """(image file, true label) for each validation item that is a file; [] for tensor datasets."""
     ds = learn.dls.valid_ds
     items = getattr(ds, "items", None)
+    if hasattr(items, "columns") and "path" in items.columns:  # load_data's DataFrame of (path, label, is_valid)
+        items = list(items["path"])
     tls = getattr(ds, "tls", None)
     if items is None or tls is None or len(tls) < 2 or not len(items) or not isinstance(items[0], (str, Path)):
         return []
@@ -377,8 +384,7 @@ class Predictor:
 
     def inputs(self, items) -> np.ndarray:
         """The validation-transformed float32 batch for images or paths."""
-        return self._preprocess([load_rgb(o, None if isinstance(o, Image.Image) else self.min_side)
-                                 for o in items])
+        return self._preprocess([load_rgb(o, self.min_side) for o in items])  # the decode training used
 
     def probs(self, items, tta: bool = False, bs: int = PREDICT_BS) -> torch.Tensor:
         """Class probabilities, shape (n_images, n_classes); `tta`: flip TTA (space_app.flip_tta)."""

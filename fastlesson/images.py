@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-__all__ = ["draft_size", "load_rgb"]
+__all__ = ["draft_size", "load_rgb", "reduced_size"]
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -34,11 +34,31 @@ def draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
     return (w + s - 1) // s, (h + s - 1) // s
 
 
+def reduced_size(full: tuple[int, int], side: int) -> tuple[int, int]:
+    """(w, h) of a `full`-sized image with its short side at `side` px (aspect kept); `full` if not larger."""
+    w, h = full
+    if min(w, h) <= side:
+        return w, h
+    return (max(side, round(w * side / h)), side) if w >= h else (side, max(side, round(h * side / w)))
+
+
+def _reduce(img: Image.Image, full: tuple[int, int], side: int) -> Image.Image:
+    """`img` (a drafted or full decode of a `full`-sized image, EXIF-upright) at `reduced_size(full, side)`.
+
+    The size comes from the full-size header, so a drafted and a full decode give the same size, and
+    training (fastlesson.data), predict and the app see the same pixels."""
+    if (img.width >= img.height) != (full[0] >= full[1]):
+        full = full[::-1]  # EXIF rotation by 90 degrees
+    size = reduced_size(full, side)
+    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+
+
 def _open(path: Path, min_side: int | None) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist; check the path")
     try:
         img = Image.open(path)
+        img._fastlesson_full = img.size  # header size, before a drafted decode shrinks it
         if min_side is not None:
             # Both sides >= min_side, so the short side is too, in either orientation: EXIF rotation
             # happens after the decode and only swaps width and height.
@@ -53,11 +73,13 @@ def load_rgb(src, min_side: int | None = None) -> Image.Image:
     """Open an image as RGB the way a person sees it: EXIF rotation applied, transparency on white.
 
     With `min_side`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose short side is
-    still at least `min_side` pixels (a smaller JPEG stays at full size). An already open
-    `PIL.Image` is used as it is.
+    still at least `min_side` pixels (a smaller JPEG stays at full size), and any image with a longer
+    short side is then resized (Lanczos) to exactly `min_side` on it: the image the data pipeline,
+    predict and the app all start from. An already open `PIL.Image` is reduced the same way.
     """
     _check_min_side(min_side)
     img = src if isinstance(src, Image.Image) else _open(Path(src), min_side)
+    full = getattr(img, "_fastlesson_full", img.size)
     img = ImageOps.exif_transpose(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # palette transparency -> real alpha, composited below
@@ -65,4 +87,5 @@ def load_rgb(src, min_side: int | None = None) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    img = img.convert("RGB")
+    return img if min_side is None else _reduce(img, full, min_side)

@@ -41,7 +41,14 @@ from fastlesson import report
 from fastlesson._io import save_png
 from fastlesson.callbacks import BestWeights
 from fastlesson.data import load_data
-from fastlesson.export import export_bundle, export_learner, write_json
+from fastlesson.export import (
+    export_bundle,
+    export_learner,
+    export_onnx,
+    learner_tta,
+    save_examples,
+    write_json,
+)
 from fastlesson.finder import RISE_TOL, find_lr, rise_lr  # noqa: F401  (RISE_TOL, rise_lr: re-exported)
 from fastlesson.models import create_learner
 from fastlesson.optim import OPTIMIZERS, opt_func
@@ -59,7 +66,7 @@ from fastlesson.schedule import (  # noqa: F401  (ValidateAtFitEnd, fit_until_ov
 )
 
 N_STEPS = 8
-TTA_N = 4  # augmented passes averaged by fastai's tta (its default), plus one plain pass
+TTA_PASSES = 2  # flip TTA: the validation image and its mirror (fastlesson.export.learner_tta)
 SMOKE = {"size": 32, "bs": 8, "epochs_max": 1, "precompute_epochs": 1, "head_cycles": 1,
          "lr_find_iters": 32, "top_losses": 4}  # seconds-long run that still makes every output
 FULL_LR_FLOOR = 10  # step 7's LR is kept within [head LR / 10, head LR]
@@ -597,7 +604,7 @@ def _timings(state: RecipeState) -> budgets.Timings:
         {**state.times, "spent": state.elapsed(), "lr_find_full_done": "lr_find_full" in state.done},
         n_train_batches=len(learn.dls.train), n_valid_batches=len(learn.dls.valid),
         n_train=len(learn.dls.train_ds), n_valid=len(learn.dls.valid_ds), precompute=cfg.precompute,
-        lr_find_iters=cfg.lr_find_iters, tta_passes=(TTA_N + 1) if cfg.tta else 0)
+        lr_find_iters=cfg.lr_find_iters, tta_passes=TTA_PASSES if cfg.tta else 0)
 
 
 def _plan_head(state: RecipeState) -> None:
@@ -752,8 +759,8 @@ def step_evaluate(state: RecipeState) -> dict:
     classes = [str(c) for c in learn.dls.vocab]
     final = {"accuracy": float((pred_idx == targs).float().mean()), "valid_loss": float(losses.mean()),
              "accuracy_tta": None, "n_valid": len(targs), "n_classes": len(classes)}
-    if cfg.tta:
-        tp, tt = learn.tta(n=2 if cfg.smoke else TTA_N)
+    if cfg.tta:  # flip TTA, the definition predict --tta and the app use (fastlesson.export.learner_tta)
+        tp, tt = learner_tta(learn)
         final["accuracy_tta"] = float((tp.argmax(1) == tt).float().mean())
     cm = report.confusion_matrix(targs.numpy(), pred_idx.numpy(), len(classes))
     final["most_confused"] = report.most_confused(cm, classes, k=10)
@@ -833,6 +840,14 @@ def _export(learn, cfg, out: Path, final: dict, metrics: dict) -> dict:
     files = {"model.json": export_bundle(learn, out, arch=cfg.arch,
                                          extra={"data": str(cfg.data), "accuracy": final["accuracy"]})}
     files["model.safetensors"] = out / "model.safetensors"
+    # model.onnx checked against PyTorch on validation images; a model that cannot be exported is
+    # reported (metrics, report) and the run still succeeds with the bundle
+    metrics["onnx"] = export_onnx(learn, out)
+    if metrics["onnx"].get("ok"):
+        files["model.onnx"] = out / "model.onnx"
+    else:
+        print(f"WARNING: ONNX export failed ({metrics['onnx'].get('error')}); the safe bundle was written")
+    metrics["examples"] = [p.name for p in save_examples(learn, out)]  # for the web demo (scripts/app.py)
     try:
         files["export.pkl"] = export_learner(learn, out / "export.pkl")
     except (pickle.PicklingError, TypeError, AttributeError) as e:

@@ -259,11 +259,25 @@ def write_report(out_dir, config: dict, metrics: dict, plots: dict[str, str]) ->
               "`history.csv`: every epoch.",
               "- `model.safetensors` + `model.json`: the safe bundle "
               "(`fastlesson.load_model(dir)` or `python scripts/predict.py DIR IMAGE...`).",
-              "- `export.pkl`: fastai's `load_learner` format (unpickles: load only if you trust it).", ""]
+              "- `export.pkl`: fastai's `load_learner` format (unpickles: load only if you trust it).",
+              _onnx_line(metrics.get("onnx")),
+              "- web demo: `python scripts/app.py DIR` (examples in `examples/`); "
+              "`--space DEST` writes a Hugging Face Spaces folder.", ""]
     cfg = "\n".join(f"    {k} = {v!r}" for k, v in config.items())
     lines += ["## Configuration", "", cfg, ""]
     text = "\n".join(lines)
     return atomic_write_text(out_dir / "report.md", text)
+
+
+def _onnx_line(onnx: dict | None) -> str:
+    """The report's line for model.onnx: the export check's numbers, or why there is none."""
+    if not onnx:
+        return "- `model.onnx`: not exported."
+    if not onnx.get("ok"):
+        return f"- `model.onnx`: not written, the export failed ({onnx.get('error')}); the safe bundle above works."
+    return (f"- `model.onnx`: the same model for onnxruntime (`--backend onnx`); checked against PyTorch on "
+            f"{onnx.get('n_checked')} validation images: max |difference| of probabilities "
+            f"{onnx.get('max_abs_diff', float('nan')):.1e}, top-1 agreement {100 * onnx.get('top1_agreement', 0.0):.0f}%.")
 
 
 def relpath(path, start) -> str:

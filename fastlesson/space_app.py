@@ -68,6 +68,7 @@ def open_image(path, min_side: int | None = None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             check_pixels(img, name)
+            full = img.size  # header size, before a drafted decode shrinks it
             if min_side:
                 img.draft("RGB", (min_side, min_side))
             img.load()
@@ -78,7 +79,19 @@ def open_image(path, min_side: int | None = None) -> Image.Image:
                             "upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo") from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data inside a known format
         raise BadImageError(f"{name} is a damaged or truncated image ({e}); upload the complete file") from e
-    return to_rgb(img)
+    return reduce_image(to_rgb(img), full, min_side) if min_side else to_rgb(img)
+
+
+def reduce_image(img: Image.Image, full: tuple[int, int], side: int) -> Image.Image:
+    """Short side down to `side` px (Lanczos), the size taken from the full-size header: the decode the
+    model was trained on (fastlesson.images.load_rgb with min_side; this file stays self-contained)."""
+    if (img.width >= img.height) != (full[0] >= full[1]):
+        full = full[::-1]  # EXIF rotation by 90 degrees
+    w, h = full
+    if min(w, h) <= side:
+        return img
+    size = (max(side, round(w * side / h)), side) if w >= h else (side, max(side, round(h * side / w)))
+    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -12,6 +12,7 @@ decides the order only, never the values a test sees.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from fastai.torch_core import set_seed
 from _tiny import make_image_folder, make_tiny_learner
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# reduced copies of big photos (fastlesson.data's image cache) go to a folder of this run, not ~/.cache
+os.environ.setdefault("FASTLESSON_CACHE", tempfile.mkdtemp(prefix="fastlesson-test-cache-"))
 # 2 threads (the CI machines' cores), or OMP_NUM_THREADS when set (tools/mutation.sh sets 1)
 torch.set_num_threads(max(1, min(int(os.environ.get("OMP_NUM_THREADS", 2)), os.cpu_count() or 1)))
 

@@ -26,10 +26,6 @@ STEP_NAMES = ["data", "lr_find_head", "precompute", "head_sgdr", "unfreeze", "di
               "lr_find_full", "full_sgdr"]
 PNGS = ["lr_find_head.png", "lr_find_full.png", "lr_schedule.png", "losses.png", "confusion.png",
         "top_losses.png"]
-BUNDLE_MISMATCH = ("the safe bundle's Predictor preprocesses these 80x64 px images differently from fastai's "
-                   "validation pipeline (max prob difference 0.086; the same with the pre-issue-12 recipe "
-                   "code): a defect in export/data preprocessing, reported to the lead")
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -153,14 +149,13 @@ def test_report_shows_plots_and_numbers(run):
         assert st["title"] in md
 
 
-@pytest.mark.xfail(reason=BUNDLE_MISMATCH, strict=False)
 def test_best_weights_restored_and_exported(run):
     """Final metrics are those of the best epoch kept by step 8, and the bundle holds those weights."""
     res, out, root, _, _ = run
     best = next(s for s in res.steps if s["name"] == "full_sgdr")["best_valid_loss"]
     assert res.valid_loss == pytest.approx(best, rel=1e-4, abs=1e-5)
     files = sorted((root / "valid").rglob("*.jpg"))
-    probs = load_model(out, device="cpu", fast_decode=False).probs(files)
+    probs = load_model(out, device="cpu").probs(files)
     dl = res.learn.dls.test_dl(files)
     ref, _ = res.learn.get_preds(dl=dl)
     assert torch.allclose(probs, ref, atol=1e-5)
@@ -403,13 +398,12 @@ def test_accuracy_recomputed_from_the_learners_probabilities_and_the_true_labels
     assert m["final"]["accuracy"] == pytest.approx(acc, abs=1e-6) and m["final"]["n_valid"] == len(files)
 
 
-@pytest.mark.xfail(reason=BUNDLE_MISMATCH, strict=False)
 def test_accuracy_recomputed_from_the_bundle_and_the_true_labels(run):
     """metrics.json's accuracy = the exported bundle's predictions on the validation images, scored
     against the class folder each image sits in (no fastai on this side)."""
     res, out, root, _, _ = run
     files = sorted((root / "valid").rglob("*.jpg"))
-    predictor = load_model(out, device="cpu", fast_decode=False)
+    predictor = load_model(out, device="cpu")
     classes = list(predictor.classes) if hasattr(predictor, "classes") else list(res.learn.dls.vocab)
     truth = [classes.index(f.parent.name) for f in files]
     probs = predictor.probs(files)
