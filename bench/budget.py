@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-default", action="store_true", help="leave out the run without a budget")
     p.add_argument("--no-tta", action="store_true", help="no TTA accuracy (and no TTA time)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--keep", default=None, help="write the run folders here (kept) instead of a temporary folder")
     args = p.parse_args(argv)
     data = resolve_data(args.data)
     rows = []
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         for budget in ([] if args.skip_default else [None]) + list(args.budgets):
             name = "default" if budget is None else f"budget{budget:g}"
             try:
-                rows.append(run_one(data, Path(tmp) / name, budget, args))
+                rows.append(run_one(data, Path(args.keep or tmp) / name, budget, args))
             except ValueError as e:  # a budget too short for this machine: said before any training
                 print(f"\n{name}: {e}")
                 rows.append({"budget_min": budget, "error": str(e)})
