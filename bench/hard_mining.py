@@ -43,6 +43,7 @@ from _cifar import (  # noqa: E402
     load_cifar,
     make_dls,
     mean_std,
+    train_seconds_per_image,
 )
 from _common import env_summary, resolve_data  # noqa: E402
 
@@ -114,21 +115,7 @@ def run_once(data, seed: int, variant: dict | None, epochs: int, args) -> tuple[
 
 def seconds_per_image(n_classes: int, args, batches: int = 6) -> float:
     """Measured seconds per training image (forward + backward + Adam step) at batch size args.bs."""
-    model = build(n_classes, args)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    x = torch.rand(args.bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, n_classes, (args.bs,))
-
-    def step():
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    step()
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        step()
-    return (time.perf_counter() - t0) / (batches * args.bs)
+    return train_seconds_per_image(build(n_classes, args), args.lr, args.bs, n_classes, batches)
 
 
 def pick_threads(args, measure) -> float:

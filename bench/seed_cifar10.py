@@ -42,7 +42,15 @@ from fastai.torch_core import set_seed
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, bench/_cifar.py
-from _cifar import ChannelsLast, ToFloat, load_cifar, make_dls, mean_std, split_train  # noqa: E402
+from _cifar import (  # noqa: E402
+    ChannelsLast,
+    ToFloat,
+    load_cifar,
+    make_dls,
+    mean_std,
+    split_train,
+    train_seconds_per_image,
+)
 from _common import REPO, env_summary, resolve_data  # noqa: E402
 
 from fastlesson._io import atomic_write_text  # noqa: E402
@@ -137,20 +145,7 @@ def run_one(cfg: SeedConfig, data, seed: int, args) -> dict:
 def time_per_image(cfg: SeedConfig, n_classes: int, args) -> tuple[float, float]:
     """Measured seconds per training image (forward + backward + step) and per evaluated image."""
     model = build(cfg, n_classes, args)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    x = torch.rand(cfg.bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, n_classes, (cfg.bs,))
-
-    def step():
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    step()  # warm-up: first-call allocations
-    t0 = time.perf_counter()
-    for _ in range(args.measure_batches):
-        step()
-    train = (time.perf_counter() - t0) / (args.measure_batches * cfg.bs)
+    train = train_seconds_per_image(model, cfg.lr, cfg.bs, n_classes, args.measure_batches)
     with torch.no_grad():
         xv = torch.rand(500, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         model.eval()

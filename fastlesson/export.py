@@ -415,7 +415,7 @@ class TorchPredictor(Predictor):
 
     def __init__(self, model: torch.nn.Module, classes, meta: dict, learn=None, device=None,
                  fast_decode: bool = True):
-        super().__init__(classes, meta, fast_decode=fast_decode and learn is None)
+        super().__init__(classes, meta, fast_decode=fast_decode)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.learn = learn
@@ -425,7 +425,11 @@ class TorchPredictor(Predictor):
         if self.learn is None:
             return super().inputs(items)
         # a trusted fastai learner: fastai's own test_dl, exactly what it does at validation
-        dl = self.learn.dls.test_dl([load_rgb(o) for o in items], num_workers=0, bs=len(items))
+        # (paths go through the learner's own opener, as in training; images enter as fastai PILImages)
+        from fastai.vision.core import PILImage
+
+        items = [Path(o) if isinstance(o, (str, Path)) else PILImage.create(load_rgb(o, self.min_side)) for o in items]
+        dl = self.learn.dls.test_dl(items, num_workers=0, bs=len(items))
         return torch.cat([b[0] for b in dl]).as_subclass(torch.Tensor).cpu().numpy()
 
     @torch.no_grad()
