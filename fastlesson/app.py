@@ -75,7 +75,7 @@ def build_app(run_dir, backend: str = "auto", threads: int | None = None):
     predictor = load_model(run_dir, backend=backend, threads=threads)
 
     def predict_file(path) -> list[tuple[str, float]]:
-        img = space_app.open_image(path, predictor.min_side)
+        img = space_app.open_image(path, predictor.min_side, predictor.reduce)
         return predictor.predict([img])[0].top5
 
     examples = [str(p) for p in run_examples(run_dir)]

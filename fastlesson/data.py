@@ -121,7 +121,7 @@ def open_reduced(path, side: int) -> Image.Image:
     150x113) and a full decode give the same size (107x80 at 80 px). The same function as predict's
     and the app's decode (fastlesson.images.load_rgb with min_side).
     """
-    return load_rgb(path, min_side=side)
+    return load_rgb(path, min_side=side, reduce=True)
 
 
 def default_image_cache() -> Path:

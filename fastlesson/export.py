@@ -108,7 +108,19 @@ def preprocessing_spec(learn) -> dict:
         if isinstance(t, Normalize) and t.mean is not None:
             mean = [float(v) for v in torch.as_tensor(t.mean).flatten().cpu()]
             std = [float(v) for v in torch.as_tensor(t.std).flatten().cpu()]
-    return {"resize": resize, "mean": mean, "std": std}
+    return {"resize": resize, "mean": mean, "std": std, "decode_side": _decode_side(learn)}
+
+
+def _decode_side(learn) -> int | None:
+    """The short side fastlesson.data's ImageOpener reduces every image to before the item transforms
+    (None for other pipelines, e.g. fastai's PILImage.create, which decode at full size)."""
+    from fastlesson.data import ImageOpener
+
+    tls = getattr(learn.dls.valid_ds, "tls", None)
+    for t in (tls[0].tfms.fs if tls else []):
+        if isinstance(t, ImageOpener):
+            return int(t.side)
+    return None
 
 
 def _versions() -> dict:
@@ -372,7 +384,8 @@ class Predictor:
         self.classes, self.meta = [str(c) for c in classes], meta
         self.source = "bundle"
         self._preprocess = Preprocess(meta)
-        self.min_side = decode_min_side(meta) if fast_decode else None
+        self.min_side = (meta.get("decode_side") or decode_min_side(meta)) if fast_decode else None
+        self.reduce = bool(fast_decode and meta.get("decode_side"))  # as the training pipeline did
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.meta.get('arch')!r}, {len(self.classes)} classes, "
@@ -384,7 +397,7 @@ class Predictor:
 
     def inputs(self, items) -> np.ndarray:
         """The validation-transformed float32 batch for images or paths."""
-        return self._preprocess([load_rgb(o, self.min_side) for o in items])  # the decode training used
+        return self._preprocess([load_rgb(o, self.min_side, self.reduce) for o in items])  # training's decode
 
     def probs(self, items, tta: bool = False, bs: int = PREDICT_BS) -> torch.Tensor:
         """Class probabilities, shape (n_images, n_classes); `tta`: flip TTA (space_app.flip_tta)."""
@@ -428,7 +441,7 @@ class TorchPredictor(Predictor):
         # (paths go through the learner's own opener, as in training; images enter as fastai PILImages)
         from fastai.vision.core import PILImage
 
-        items = [Path(o) if isinstance(o, (str, Path)) else PILImage.create(load_rgb(o, self.min_side)) for o in items]
+        items = [Path(o) if isinstance(o, (str, Path)) else PILImage.create(load_rgb(o, self.min_side, self.reduce)) for o in items]
         dl = self.learn.dls.test_dl(items, num_workers=0, bs=len(items))
         return torch.cat([b[0] for b in dl]).as_subclass(torch.Tensor).cpu().numpy()
 
@@ -652,7 +665,7 @@ def predict_files(predictor: Predictor, paths: Iterable, tta: bool = False,
         rows, imgs = [], []
         for f in files[i:i + bs]:
             try:
-                imgs.append(load_rgb(f, predictor.min_side))
+                imgs.append(load_rgb(f, predictor.min_side, predictor.reduce))
                 rows.append({"path": str(f)})
             except (FileNotFoundError, ValueError) as e:
                 rows.append({"path": str(f), "error": str(e)})

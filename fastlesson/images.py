@@ -69,13 +69,14 @@ def _open(path: Path, min_side: int | None) -> Image.Image:
     return img
 
 
-def load_rgb(src, min_side: int | None = None) -> Image.Image:
+def load_rgb(src, min_side: int | None = None, reduce: bool = False) -> Image.Image:
     """Open an image as RGB the way a person sees it: EXIF rotation applied, transparency on white.
 
     With `min_side`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose short side is
-    still at least `min_side` pixels (a smaller JPEG stays at full size), and any image with a longer
-    short side is then resized (Lanczos) to exactly `min_side` on it: the image the data pipeline,
-    predict and the app all start from. An already open `PIL.Image` is reduced the same way.
+    still at least `min_side` pixels (a smaller JPEG stays at full size). With `reduce` too, any image
+    with a longer short side is then resized (Lanczos) to exactly `min_side` on it: the image
+    fastlesson's data pipeline trains on, and so what predict and the app start from for a model whose
+    model.json records that `decode_side`. An already open `PIL.Image` is reduced the same way.
     """
     _check_min_side(min_side)
     img = src if isinstance(src, Image.Image) else _open(Path(src), min_side)
@@ -88,4 +89,4 @@ def load_rgb(src, min_side: int | None = None) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     img = img.convert("RGB")
-    return img if min_side is None else _reduce(img, full, min_side)
+    return _reduce(img, full, min_side) if reduce and min_side is not None else img

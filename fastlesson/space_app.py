@@ -56,7 +56,7 @@ def check_pixels(img: Image.Image, name: str) -> None:
                             f"{MAX_PIXELS / 1e6:.0f} (a decompression bomb?); resize it and try again")
 
 
-def open_image(path, min_side: int | None = None) -> Image.Image:
+def open_image(path, min_side: int | None = None, reduce: bool = False) -> Image.Image:
     """Open an image file as RGB as a person sees it (EXIF rotation, transparency on white).
 
     A JPEG is decoded at reduced scale (PIL's draft mode) while its short side stays >= `min_side`.
@@ -79,7 +79,7 @@ def open_image(path, min_side: int | None = None) -> Image.Image:
                             "upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo") from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data inside a known format
         raise BadImageError(f"{name} is a damaged or truncated image ({e}); upload the complete file") from e
-    return reduce_image(to_rgb(img), full, min_side) if min_side else to_rgb(img)
+    return reduce_image(to_rgb(img), full, min_side) if reduce and min_side else to_rgb(img)
 
 
 def reduce_image(img: Image.Image, full: tuple[int, int], side: int) -> Image.Image:
@@ -227,13 +227,14 @@ class OnnxClassifier:
         self.session = onnx_session(folder / self.meta["onnx"]["file"], threads)
         self.input = self.session.get_inputs()[0].name
         self.preprocess = Preprocess(self.meta)
-        self.min_side = decode_min_side(self.meta)
+        self.min_side = self.meta.get("decode_side") or decode_min_side(self.meta)
+        self.reduce = bool(self.meta.get("decode_side"))  # as the training pipeline did
 
     def logits_probs(self, x: np.ndarray) -> np.ndarray:
         return softmax(self.session.run(None, {self.input: x})[0])
 
     def predict_file(self, path, tta: bool = False) -> list[tuple[str, float]]:
-        x = self.preprocess([open_image(path, self.min_side)])
+        x = self.preprocess([open_image(path, self.min_side, self.reduce)])
         p = flip_tta(self.logits_probs, x) if tta else self.logits_probs(x)
         return top_k(p[0], self.classes)
 
