@@ -116,7 +116,7 @@ def _decode_side(learn) -> int | None:
     (None for other pipelines, e.g. fastai's PILImage.create, which decode at full size)."""
     from fastlesson.data import ImageOpener
 
-    tls = getattr(learn.dls.valid_ds, "tls", None)
+    tls = getattr(getattr(learn.dls, "valid_ds", None), "tls", None)
     for t in (tls[0].tfms.fs if tls else []):
         if isinstance(t, ImageOpener):
             return int(t.side)
