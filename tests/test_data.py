@@ -22,6 +22,7 @@ from fastai.vision.data import ImageDataLoaders
 from PIL import Image, UnidentifiedImageError
 
 from fastlesson.data import (
+    CACHE_FORMAT,
     MIN_SCALE,
     SOURCES,
     VAL_XTRA,
@@ -336,7 +337,7 @@ def test_cache_is_keyed_by_content_not_name(tmp_path):
     res = load_data(root, image_cache=tmp_path / "c", **BIG_KW)
     after = {c.name for c in (tmp_path / "c").rglob("*.bmp")}
     assert res.n_cached == 6 and len(before) == 6 and len(after - before) == 1
-    assert all(n.endswith(f"-{res.decode_side}px-r1.bmp") for n in after)  # keyed by target size too
+    assert all(n.endswith(f"-{res.decode_side}px-{CACHE_FORMAT}.bmp") for n in after)  # keyed by target size too
 
 
 @pytest.mark.parametrize("w,h", [(4000, 3000), (1000, 750), (401, 300), (250, 199), (150, 100), (90, 160)])
