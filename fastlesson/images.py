@@ -13,6 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+# one implementation, in the file a Hugging Face Space runs on its own (no fastlesson there)
+from fastlesson.space_app import reduce_image, reduced_size  # noqa: F401  (reduced_size re-exported)
+
 __all__ = ["draft_size", "load_rgb", "reduced_size"]
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -32,25 +35,6 @@ def draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
     scale = min(w // min_side, h // min_side)  # PIL's own rule: the largest of 8, 4, 2, 1 that fits
     s = next(s for s in (8, 4, 2, 1) if scale >= s or s == 1)
     return (w + s - 1) // s, (h + s - 1) // s
-
-
-def reduced_size(full: tuple[int, int], side: int) -> tuple[int, int]:
-    """(w, h) of a `full`-sized image with its short side at `side` px (aspect kept); `full` if not larger."""
-    w, h = full
-    if min(w, h) <= side:
-        return w, h
-    return (max(side, round(w * side / h)), side) if w >= h else (side, max(side, round(h * side / w)))
-
-
-def _reduce(img: Image.Image, full: tuple[int, int], side: int) -> Image.Image:
-    """`img` (a drafted or full decode of a `full`-sized image, EXIF-upright) at `reduced_size(full, side)`.
-
-    The size comes from the full-size header, so a drafted and a full decode give the same size, and
-    training (fastlesson.data), predict and the app see the same pixels."""
-    if (img.width >= img.height) != (full[0] >= full[1]):
-        full = full[::-1]  # EXIF rotation by 90 degrees
-    size = reduced_size(full, side)
-    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
 
 
 def _open(path: Path, min_side: int | None) -> Image.Image:
@@ -89,4 +73,4 @@ def load_rgb(src, min_side: int | None = None, reduce: bool = False) -> Image.Im
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     img = img.convert("RGB")
-    return _reduce(img, full, min_side) if reduce and min_side is not None else img
+    return reduce_image(img, full, min_side) if reduce and min_side is not None else img

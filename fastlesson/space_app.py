@@ -87,11 +87,16 @@ def reduce_image(img: Image.Image, full: tuple[int, int], side: int) -> Image.Im
     model was trained on (fastlesson.images.load_rgb with min_side; this file stays self-contained)."""
     if (img.width >= img.height) != (full[0] >= full[1]):
         full = full[::-1]  # EXIF rotation by 90 degrees
+    size = reduced_size(full, side)
+    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+
+
+def reduced_size(full: tuple[int, int], side: int) -> tuple[int, int]:
+    """(w, h) of a `full`-sized image with its short side at `side` px (aspect kept); `full` if not larger."""
     w, h = full
     if min(w, h) <= side:
-        return img
-    size = (max(side, round(w * side / h)), side) if w >= h else (side, max(side, round(h * side / w)))
-    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+        return w, h
+    return (max(side, round(w * side / h)), side) if w >= h else (side, max(side, round(h * side / w)))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
