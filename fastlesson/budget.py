@@ -18,6 +18,7 @@ AUG_OVERHEAD = 1.15  # an augmented training pass over the frozen body vs the cl
 FINISH_FIXED_S = 5.0  # s: plots, report.md, the bundle and export.pkl, besides the validation passes
 MAX_HEAD_CYCLES = 3  # step 4 gets at most this many cycles from spare time (the lesson: 2-3)
 MAX_FULL_CYCLES = 5  # step 8: at most 1 + 2 + 4 + 8 + 16 epochs however long the budget
+MAX_FULL_EPOCHS = 2 ** MAX_FULL_CYCLES - 1  # the most epochs a plan of step 8 can hold (31)
 
 
 @dataclass
@@ -110,12 +111,32 @@ def plan_budget(budget_s: float, t: Timings, precompute_epochs: int, head_cycles
                       planned_s=_total(parts), parts_s=parts)
 
 
+def replan_full(budget_s: float, t: Timings, done: list[int], valid_every_epoch: bool = False) -> BudgetPlan:
+    """After step 8's cycles `done` (their time is in `t.spent`; `t.full_epoch` measured on them): the
+    whole cycles that still fit, doubling on from the last one trained, then one shorter; `done` alone
+    when none does. Called after every cycle, so an epoch estimate that was off (step 7's range-test
+    batches predict step 8's epochs only to ~10%) is corrected while there is time left to use."""
+    if not done:
+        raise ValueError("replan_full needs the cycles already trained (done=[]): plan step 8 with plan_budget")
+    limit = SAFETY * budget_s
+    done = list(done)
+
+    def parts(cycles):
+        return {"spent": t.spent, "full_sgdr": _full_s(t, cycles[len(done):], valid_every_epoch),
+                "finish": t.finish}
+
+    cycles = _grow_cycles(lambda c: _total(parts(c)) <= limit, done)
+    p = parts(cycles)
+    return BudgetPlan(budget_s=float(budget_s), precompute_epochs=0, head_cycles=0, full_cycles=cycles,
+                      planned_s=_total(p), parts_s=p)
+
+
 def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_train: int, n_valid: int,
                      precompute: bool, lr_find_iters: int, tta_passes: int) -> Timings:
     """Timings from what the recipe measured so far (`m`, seconds; missing keys are estimated):
     spent, body_pass (step 2's cached body pass over train + valid), head_batch (a step-2 range-test
     batch), head_epoch_train / valid (step 4 measured), full_batch (a step-7 range-test batch),
-    lr_find_full_done (True once step 7 ran)."""
+    lr_find_full_done (True once step 7 ran), full_epoch_train (step 8's training passes, measured)."""
     frac_valid = n_valid / max(1, n_train + n_valid)
     if "valid" in m:
         valid = m["valid"]
@@ -132,5 +153,5 @@ def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_trai
     full_batch = m.get("full_batch", FULL_OVER_FROZEN * head_train / max(1, n_train_batches))
     return Timings(spent=m.get("spent", 0.0), precompute_epoch=pre, head_epoch=head_train + valid,
                    lr_find_full=0.0 if m.get("lr_find_full_done") else lr_find_iters * full_batch,
-                   full_epoch=full_batch * n_train_batches, valid=valid,
+                   full_epoch=m.get("full_epoch_train", full_batch * n_train_batches), valid=valid,
                    finish=valid * (1 + tta_passes * AUG_OVERHEAD) + FINISH_FIXED_S)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -142,10 +143,27 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
         if not cuda:
             raise ValueError("backend='nccl' needs CUDA GPUs; on CPU use backend='gloo' (or None)")
         torch.cuda.set_device(local_rank())
+    elif _one_machine() and "GLOO_SOCKET_IFNAME" not in os.environ and _has_interface("lo"):
+        # every process on this machine: gloo talks over loopback, not over whatever interface the
+        # hostname resolves to (in containers that can be one whose connections stall)
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(backend=backend, init_method="env://",
                             timeout=timedelta(seconds=_timeout_s(timeout_s)))
     atexit.register(teardown_distributed)  # we made the group: leave it cleanly at exit
     return dist.get_world_size()
+
+
+def _one_machine() -> bool:
+    """All processes on this machine (torchrun sets LOCAL_WORLD_SIZE; a plain env launch may not)."""
+    return _env_int("LOCAL_WORLD_SIZE", 0) == world_size() or os.environ.get("MASTER_ADDR") in (
+        "localhost", "127.0.0.1", "::1")
+
+
+def _has_interface(name: str) -> bool:
+    try:
+        return name in {n for _, n in socket.if_nameindex()}
+    except OSError:  # no interface list on this platform
+        return False
 
 
 def teardown_distributed() -> None:

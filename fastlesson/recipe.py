@@ -558,12 +558,14 @@ def step_full_sgdr(state: RecipeState) -> dict:
         state.progress = OverfitProgress()
     if cfg.budget is not None:
         _plan_full(state)
-    epochs_max = sum(state.full_cycles) if state.full_cycles else cfg.epochs_max
+    # with a budget the plan bounds step 8 (and is re-planned after each cycle, see _after_full_cycle)
+    epochs_max = budgets.MAX_FULL_EPOCHS if state.full_cycles else cfg.epochs_max
+    n_passes = (len(state.clock.train_passes), len(state.clock.valid_passes))  # step 8's from here on
     with _held(state.bn_held):
         stop = fit_until_overfit(learn, state.lrs_full, epochs_max, cbs=[*state.bn_cbs, *state.mining],
                                  valid_every_epoch=cfg.valid_every_epoch, best=state.best,
                                  progress=state.progress, cycle_lengths=state.full_cycles,
-                                 after_cycle=lambda *_: _checkpoint(state, "full_sgdr"))
+                                 after_cycle=lambda *_: _after_full_cycle(state, n_passes))
     state.stop, state.progress, state.best = stop, None, None
     bvl = stop["best_valid_loss"]
     st = steps.done(f"{stop['cycles']} cycle(s), {stop['epochs']} epochs; stopped: {stop['reason']}; best valid "
@@ -638,6 +640,28 @@ def _plan_full(state: RecipeState) -> None:
           f"planned end at {plan.planned_s / 60:.1f} min", flush=True)
 
 
+def _after_full_cycle(state: RecipeState, n_passes: tuple[int, int]) -> list[int] | None:
+    """After each SGDR cycle of step 8: with a budget, re-plan the cycles still to come from step 8's
+    measured epoch times (then the checkpoint holds the new plan); the checkpoint. Returns the plan."""
+    cfg, clock = state.cfg, state.clock
+    if cfg.budget is not None and len(clock.train_passes) > n_passes[0]:
+        state.times["full_epoch_train"] = float(np.mean(clock.train_passes[n_passes[0]:]))
+        if len(clock.valid_passes) > n_passes[1]:
+            state.times["valid"] = float(np.mean(clock.valid_passes[n_passes[1]:]))
+        done = state.full_cycles[:state.progress.cycles]
+        plan = ddp.broadcast_object(budgets.replan_full(60 * cfg.budget, _timings(state), done,
+                                                        valid_every_epoch=cfg.valid_every_epoch))
+        if plan.full_cycles != state.full_cycles and state.progress.reason is None:
+            print(f"  budget re-plan after cycle {len(done)} (step 8 epochs measured at "
+                  f"~{state.times['full_epoch_train']:.0f} s): cycles {', '.join(map(str, plan.full_cycles))}; "
+                  f"planned end at {plan.planned_s / 60:.1f} min", flush=True)
+        state.full_cycles = plan.full_cycles
+        state.budget.setdefault("replans", []).append(
+            {"after_cycle": len(done), "full_cycles": plan.full_cycles, "planned_s": round(plan.planned_s, 1)})
+    _checkpoint(state, "full_sgdr")
+    return state.full_cycles
+
+
 def _rounded(d: dict) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in d.items()}
 
@@ -647,14 +671,16 @@ def _budget_summary(state: RecipeState, seconds_total: float) -> dict | None:
     if state.cfg.budget is None:
         return None
     full = state.budget.get("full", {})
+    last = (state.budget.get("replans") or [full])[-1]  # the plan step 8 ended on
     stop = state.stop or {}
     return {"budget_min": state.cfg.budget,
-            "planned": {"minutes": round(full.get("planned_s", math.nan) / 60, 2),
+            "planned": {"minutes": round(last.get("planned_s", math.nan) / 60, 2),
                         "precompute_epochs": state.precompute_epochs, "head_cycles": state.head_cycles,
                         "full_cycles": state.full_cycles},
             "actual": {"minutes": round(seconds_total / 60, 2), "full_cycles": stop.get("cycles"),
                        "full_epochs": stop.get("epochs")},
-            "first_plan": state.budget.get("first"), "step8_plan": full}
+            "first_plan": state.budget.get("first"), "step8_plan": full,
+            "replans": state.budget.get("replans", [])}  # after each step-8 cycle, on measured epoch times
 
 
 # ----------------------------------------------------------------------------- helpers of the steps

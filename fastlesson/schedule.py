@@ -367,6 +367,16 @@ def _next_cycle(learn, lr_max, epochs_max, lengths, cbs, best: BestWeights, prog
     return True
 
 
+def _revised_lengths(lengths: list[int], revised, n_done: int) -> list[int]:
+    """`revised` as the new cycle lengths: ValueError unless it keeps the `n_done` trained ones."""
+    revised = list(revised)
+    if revised[:n_done] != lengths[:n_done] or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in revised):
+        raise ValueError(f"after_cycle returned {revised!r}: cycle lengths must be whole epochs >= 1 and keep "
+                         f"the {n_done} trained cycle(s) {lengths[:n_done]} as they were")
+    return revised
+
+
 def _max_cycles(epochs_max: int, cycle_len, cycle_mult) -> int:
     """Cycles up to the first one that would pass epochs_max (that one included: it is never run)."""
     n = 1
@@ -388,8 +398,10 @@ def fit_until_overfit(learn, lr_max, epochs_max: int, cycle_len: int = 1, cycle_
     fine-tune that never helps leaves the model as it was. `valid_every_epoch=False` validates only at
     the end of each cycle (the SGDR snapshots; then only those are candidates).
     `cycle_lengths`: the epochs of each cycle, instead of cycle_len * cycle_mult**i (a time budget's
-    plan; still whole cycles, still stopped when one does not improve). Resuming: pass the `best` and `progress` saved after a cycle; `after_cycle(progress, best)` is
-    called after every trained cycle (the recipe writes its checkpoint there).
+    plan; still whole cycles, still stopped when one does not improve). Resuming: pass the `best` and
+    `progress` saved after a cycle. `after_cycle(progress, best)` is called after every trained cycle
+    (the recipe writes its checkpoint there); when it returns a list, that list is the cycle lengths from
+    then on (the trained ones unchanged: a time budget re-planned with the epoch times measured so far).
     Returns {cycles, epochs, best_valid_loss, best_epoch, reason}.
     """
     _check_epochs_max(epochs_max)
@@ -404,7 +416,9 @@ def fit_until_overfit(learn, lr_max, epochs_max: int, cycle_len: int = 1, cycle_
     cbs = [*(cbs or []), *([] if valid_every_epoch else [ValidateAtFitEnd()])]
     while progress.reason is None:
         if _next_cycle(learn, lr_max, epochs_max, lengths, cbs, best, progress) and after_cycle:
-            after_cycle(progress, best)
+            revised = after_cycle(progress, best)
+            if revised is not None:
+                lengths = _revised_lengths(lengths, revised, progress.cycles)
     best.restore(learn.model)
     return {"cycles": progress.cycles, "epochs": progress.epochs,
             "best_valid_loss": best.best if math.isfinite(best.best) else None,

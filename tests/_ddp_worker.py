@@ -195,7 +195,17 @@ def recipe_resume(out: Path, mode: str, data: str, run: Path) -> None:
              "distributed": res.metrics["distributed"]}))
 
 
+def _dump_stacks_on_sigterm(out: Path) -> None:
+    """When torchrun stops this process (another one failed), its Python stack goes to
+    OUT_DIR/stack-rank<r>.txt: a failed test then shows where every process was, not only the failed one."""
+    import faulthandler
+
+    f = open(out / f"stack-rank{os.environ.get('RANK', '0')}.txt", "w")  # noqa: SIM115 - kept open for the handler
+    faulthandler.register(signal.SIGTERM, file=f, all_threads=True, chain=True)
+
+
 if __name__ == "__main__":
+    _dump_stacks_on_sigterm(Path(sys.argv[1]))
     if sys.argv[2:3] == ["recipe"]:
         recipe(Path(sys.argv[1]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[2].startswith("recipe-"):

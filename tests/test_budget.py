@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from fastlesson.budget import SAFETY, Timings, estimate_timings, plan_budget
+from fastlesson.budget import (
+    MAX_FULL_EPOCHS,
+    SAFETY,
+    Timings,
+    estimate_timings,
+    plan_budget,
+    replan_full,
+)
 
 # seconds, shaped like flowers102-small (lite0, 160 px, 2 CPU cores)
 T = Timings(spent=60.0, precompute_epoch=3.0, head_epoch=45.0, lr_find_full=60.0, full_epoch=100.0, valid=10.0,
@@ -70,6 +77,21 @@ def test_step8_replan_never_raises_and_keeps_one_cycle():
     assert plan.full_cycles == [1] and (plan.precompute_epochs, plan.head_cycles) == (2, 1)
 
 
+def test_replan_after_a_cycle_uses_the_measured_epoch_time():
+    """After cycle 2, 230 s left: a 27 s epoch buys cycles of 4 and 4 more epochs; a 60 s one shrinks
+    cycle 3 to 3 epochs; a 400 s one ends step 8 there. Never past the budget."""
+    budget = 600.0
+    for full_epoch, expect in ((27.0, [1, 2, 4, 4]), (60.0, [1, 2, 3]), (400.0, [1, 2])):
+        t = Timings(spent=300.0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=full_epoch,
+                    valid=3.0, finish=40.0)
+        plan = replan_full(budget, t, [1, 2])
+        assert plan.full_cycles == expect, full_epoch
+        assert plan.planned_s == pytest.approx(_total(plan)) and plan.planned_s <= SAFETY * budget or expect == [1, 2]
+    assert sum([1, 2, 4, 8, 16]) == MAX_FULL_EPOCHS  # the bound fit_until_overfit gets under a budget
+    with pytest.raises(ValueError, match="done=\\[\\]"):
+        replan_full(budget, T, [])
+
+
 def test_valid_every_epoch_costs_a_validation_per_epoch():
     t = Timings(spent=0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=10, valid=5, finish=0)
     ends = plan_budget(42 / SAFETY, t, 1, 1, head_fixed=True)  # 1 + 2 epochs, 2 validations: 40 s
@@ -97,7 +119,10 @@ def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
 
     fixed = Timings(spent=1.0, precompute_epoch=0.1, head_epoch=1.0, lr_find_full=1.0, full_epoch=0.5,
                     valid=0.1, finish=0.5)  # 6 s: step 3 1 epoch, step 4 1 cycle; step 8 (replanned) 1, 2, 2
-    monkeypatch.setattr(recipe, "_timings", lambda state: fixed)
+    # after step 8's first cycle (its epoch time measured): 5.5 s spent, no room for another cycle
+    late = Timings(spent=5.5, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=0.5, valid=0.1,
+                   finish=0.5)
+    monkeypatch.setattr(recipe, "_timings", lambda state: late if "full_epoch_train" in state.times else fixed)
     data = write_image_folder(tmp_path / "data")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -108,8 +133,10 @@ def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
     assert head < full < printed.index("cycle 1:")
     b = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]
     assert b["budget_min"] == 0.1 and b["first_plan"]["full_cycles"] == [1, 2]
-    assert b["planned"]["full_cycles"] == [1, 2, 2]  # re-planned at step 8, steps 3-4 done
-    assert b["planned"]["head_cycles"] == 1 and 1 <= b["actual"]["full_cycles"] <= 3
+    assert b["step8_plan"]["full_cycles"] == [1, 2, 2]  # re-planned at step 8, steps 3-4 done
+    assert [r["after_cycle"] for r in b["replans"]] == [1] and b["replans"][0]["full_cycles"] == [1]
+    assert b["planned"]["full_cycles"] == [1] and b["actual"]["full_cycles"] == 1  # the re-plan was followed
+    assert b["planned"]["head_cycles"] == 1
     assert "SGDR cycles of 1, 2, 2 epoch(s)" in printed
     assert b["planned"]["precompute_epochs"] == res.config.precompute_epochs  # smoke: 1, all it asks
     md = (tmp_path / "run" / "report.md").read_text()

@@ -28,11 +28,13 @@ from _tiny import TinyCNN, make_tiny_learner, synthetic_dsets
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_ddp_worker.py"
 N_TRAIN, N_VALID = 64, 32  # as in _ddp_worker.py
-RUN_TIMEOUT_S = 240  # a hung run fails the test instead of hanging the suite (a run takes ~20-60 s)
+RUN_TIMEOUT_S = 480  # a hung run fails the test instead of hanging the suite (a run takes ~20-60 s)
+RECIPE_TIMEOUT_S = 200  # s a collective waits in the recipe runs (rank 0 writes plots and checkpoints alone)
 
 
 def _env(timeout_s: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FASTLESSON_DIST_TIMEOUT_S": str(timeout_s),
+           "PYTHONFAULTHANDLER": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "MPLBACKEND": "Agg"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a launcher's
@@ -46,12 +48,19 @@ def torchrun(args: list, timeout_s: int = 60, nproc: int = 2, cwd=REPO) -> subpr
     return subprocess.run(cmd, cwd=cwd, env=_env(timeout_s), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
+def failure(proc: subprocess.CompletedProcess, out: Path) -> str:
+    """What a failed run printed (its end) and where each process was when torchrun stopped it."""
+    stacks = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(Path(out).glob("stack-rank*.txt"))
+                     if p.stat().st_size)
+    return proc.stdout[-2000:] + proc.stderr[-4000:] + stacks
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """One two-process training run of the worker; its per-rank reports and final weights."""
     out = tmp_path_factory.mktemp("ddp")
     proc = torchrun([WORKER, out, "train"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, failure(proc, out)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     states = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     return reports, states
@@ -123,8 +132,8 @@ def test_a_failed_rank_makes_the_run_fail_clearly_not_hang(tmp_path, how, expect
 def test_recipe_smoke_under_two_processes_writes_one_run_folder_from_rank_0(tmp_path):
     data = write_image_folder(tmp_path / "data")
     run = tmp_path / "run"
-    proc = torchrun([WORKER, tmp_path, "recipe", data, run], timeout_s=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = torchrun([WORKER, tmp_path, "recipe", data, run], timeout_s=RECIPE_TIMEOUT_S)
+    assert proc.returncode == 0, failure(proc, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["exit"] == r1["exit"] == 0
     assert r1["events"] == [] and r0["events"]  # rank 1 created, renamed or removed nothing in the run folder
@@ -144,13 +153,13 @@ def test_recipe_smoke_under_two_processes_writes_one_run_folder_from_rank_0(tmp_
 def test_recipe_killed_in_step_8_resumes_under_two_processes(tmp_path):
     data = write_image_folder(tmp_path / "data")
     run = tmp_path / "run"
-    killed = torchrun([WORKER, tmp_path, "recipe-kill", data, run], timeout_s=120)
-    assert killed.returncode != 0 and (tmp_path / "rank1-killed").exists(), killed.stderr[-4000:]
+    killed = torchrun([WORKER, tmp_path, "recipe-kill", data, run], timeout_s=RECIPE_TIMEOUT_S)
+    assert killed.returncode != 0 and (tmp_path / "rank1-killed").exists(), failure(killed, tmp_path)
     assert (run / "checkpoint" / "state.json").is_file() and not (run / "metrics.json").exists()
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["after"] == "full_sgdr cycle 1"
-    resumed = torchrun([WORKER, tmp_path, "recipe-resume", data, run], timeout_s=120)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    resumed = torchrun([WORKER, tmp_path, "recipe-resume", data, run], timeout_s=RECIPE_TIMEOUT_S)
+    assert resumed.returncode == 0, failure(resumed, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r1["events"] == [] and r0["events"]
     assert r0["accuracy"] == r1["accuracy"]

@@ -353,6 +353,26 @@ def test_fit_until_overfit_runs_given_cycle_lengths_and_reports_each_cycle(tiny_
         fit_until_overfit(learn, 3e-3, epochs_max=4, cycle_lengths=[1, 0])
 
 
+def test_fit_until_overfit_follows_lengths_revised_after_a_cycle(tiny_learner):
+    from fastlesson.schedule import fit_until_overfit
+
+    learn = tiny_learner(n_train=64)
+    seen = []
+
+    def revise(progress, best):
+        seen.append(progress.cycles)
+        return [1, 1]  # planned [1, 4]: after cycle 1 the plan says one more 1-epoch cycle
+
+    stop = fit_until_overfit(learn, 3e-3, epochs_max=10, baseline=float("inf"), cycle_lengths=[1, 4],
+                             after_cycle=revise)
+    assert stop["epochs"] == stop["cycles"] and stop["cycles"] <= 2  # never the 4-epoch cycle
+    if stop["cycles"] == 2:
+        assert "[1, 1]" in stop["reason"] and seen == [1, 2]
+    with pytest.raises(ValueError, match=r"keep the 1 trained cycle\(s\) \[2\]"):
+        fit_until_overfit(learn, 3e-3, epochs_max=10, baseline=float("inf"), cycle_lengths=[2, 2],
+                          after_cycle=lambda progress, best: [1, 1])
+
+
 def test_fit_until_overfit_resumed_after_a_cycle_equals_one_fit(tiny_learner):
     """Cycle 1, then the saved (progress, best) and weights/optimizer carried into a second call: the
     same weights as cycles 1 and 2 in one call (same batch order)."""
