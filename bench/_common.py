@@ -1,10 +1,13 @@
-"""Shared bench helpers: one block that records hardware, versions and repeats next to the figures."""
+"""Shared bench helpers: one block that records hardware, versions and repeats next to the figures.
+
+The CPU model and package versions come from fastlesson.env, as in the recipe's and sweep's records;
+this block adds what only a bench needs (cores, OS, repeats).
+"""
 
 from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,31 +36,22 @@ def subsample(src: Path, per_class: int, dst: Path) -> Path:
     return dst
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: platform's answer is the best we have
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+    """The installed version of `pkg` (fastlesson.env.package_version; imported late: fastlesson pulls in fastai)."""
+    from fastlesson.env import package_version
+
+    return package_version(pkg)
 
 
 def env_summary(repeats: int | None = None) -> str:
     """Hardware, library versions and (when given) the number of repeats, one 'key: value' per line."""
     import torch
 
+    from fastlesson.env import cpu_model
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     lines = [
-        f"cpu: {_cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
+        f"cpu: {cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
         f"gpu: {gpu}",
         f"os: {platform.platform()}",
         f"python: {platform.python_version()}",

@@ -7,6 +7,8 @@
                                                             # lite2 at its native 260 px, 12-minute recipe budget
     python bench/recipe_vs_finetune.py --head-cycles 1 --lr-find-iters 50
                                                             # the 20-minute budget on 2 CPU cores (~45 min)
+    python bench/recipe_vs_finetune.py --arch lite0 lite1 lite2 --budget 12 --recipe-only
+                                                            # the architectures under one budget, recipe only
     python bench/recipe_vs_finetune.py --limit 3 --smoke    # 3 images per class and split: a quick check
 
 1. The recipe (fastlesson.run_recipe) runs and its total wall time T is measured (LR range tests,
@@ -121,6 +123,13 @@ def run_pair(data: Path, a, arch: str, out: Path) -> dict:
     t_recipe = time.perf_counter() - t0
     recipe_epochs = sum(s.get("epochs", 0) for s in res.steps if s["name"] in
                         ("precompute", "head_sgdr", "full_sgdr"))
+    run = {"arch": arch, "size": cfg.size, "cfg": cfg, "res": res, "data_info": res.metrics["final"],
+           "recipe": {"accuracy": res.accuracy, "accuracy_tta": res.accuracy_tta, "seconds": t_recipe,
+                      "epochs": recipe_epochs, "valid_loss": res.valid_loss,
+                      "budget": res.metrics.get("budget")},
+           "fine_tune": None}
+    if a.recipe_only:
+        return run
 
     print(f"\nCalibrating fastai fine_tune ({arch}): one frozen and one unfrozen epoch"
           f"{' and a TTA' if cfg.tta else ''} (not counted)", flush=True)
@@ -136,11 +145,9 @@ def run_pair(data: Path, a, arch: str, out: Path) -> dict:
     if cfg.tta:
         ft_tta = float(accuracy(*learner_tta(learn)))  # flip TTA, as the recipe reports it
     t_ft = time.perf_counter() - t0
-    return {"arch": arch, "size": cfg.size, "cfg": cfg, "res": res, "data_info": res.metrics["final"],
-            "recipe": {"accuracy": res.accuracy, "accuracy_tta": res.accuracy_tta, "seconds": t_recipe,
-                       "epochs": recipe_epochs, "valid_loss": res.valid_loss},
-            "fine_tune": {"accuracy": ft_acc, "accuracy_tta": ft_tta, "valid_loss": ft_loss, "seconds": t_ft,
-                          "epochs": n_epochs, "calibration_seconds": [t_fz, t_uf, t_tta]}}
+    run["fine_tune"] = {"accuracy": ft_acc, "accuracy_tta": ft_tta, "valid_loss": ft_loss, "seconds": t_ft,
+                        "epochs": n_epochs, "calibration_seconds": [t_fz, t_uf, t_tta]}
+    return run
 
 
 def _short(arch: str) -> str:
@@ -152,12 +159,18 @@ def print_table(runs: list[dict]) -> None:
           "\n|---|---|---|---|---|---|---|---|")
     for r in runs:
         rec, ft = r["recipe"], r["fine_tune"]
-        for name, d, ep in (("fastlesson recipe (8 steps)", rec, f"{rec['epochs']}"),
-                            (f"fastai fine_tune({ft['epochs']})", ft, f"1+{ft['epochs']}")):
+        rows = [("fastlesson recipe (8 steps)", rec, f"{rec['epochs']}")]
+        if ft is not None:
+            rows.append((f"fastai fine_tune({ft['epochs']})", ft, f"1+{ft['epochs']}"))
+        for name, d, ep in rows:
             tta = "-" if d["accuracy_tta"] is None else f"{100 * d['accuracy_tta']:.1f}%"
             print(f"| {name} | {_short(r['arch'])} | {r['size']} | {100 * d['accuracy']:.1f}% | {tta} | "
                   f"{d['seconds']:.0f} | {100 * d['accuracy'] / (d['seconds'] / 60):.1f}% | {ep} |")
-    for r in runs:
+    for r in (r for r in runs if r["recipe"]["budget"]):
+        b = r["recipe"]["budget"]
+        print(f"{_short(r['arch'])}: budget {b['budget_min']:g} min, actual {b['actual']['minutes']:.2f} min "
+              f"({b['actual']['minutes'] / b['budget_min']:.2f} of it), step-8 cycles {b['planned']['full_cycles']}")
+    for r in (r for r in runs if r["fine_tune"] is not None):
         rec, ft = r["recipe"], r["fine_tune"]
         tta_gap = ("" if ft["accuracy_tta"] is None
                    else f", {100 * (rec['accuracy_tta'] - ft['accuracy_tta']):+.1f} with TTA")
@@ -180,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr-find-iters", type=int, default=100, help="batches per recipe LR range test [100]")
     p.add_argument("--budget", type=float, help="recipe time budget in minutes (RecipeConfig.budget) [none]")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--recipe-only", action="store_true", help="no fastai fine_tune side (compare recipes)")
     p.add_argument("--limit", type=int, help="use only the first N images per class and split (quick check)")
     p.add_argument("--smoke", action="store_true", help="recipe in smoke mode (32 px, 1 epoch per step)")
     p.add_argument("--no-tta", action="store_true", help="no test-time augmentation on either side")

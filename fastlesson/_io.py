@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -41,6 +42,11 @@ def atomic_write_text(path, text: str) -> Path:
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` atomically."""
     return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def write_json(path, obj, indent: int = 2) -> Path:
+    """Write `obj` as indented JSON (a trailing newline; non-JSON values such as paths as ``str``), atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
 def save_png(fig, path, **kw) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 SAFETY = 0.95  # plan to this fraction of the budget: estimates are a few percent off either way
 FULL_OVER_FROZEN = 3.0  # an unfrozen training batch ~ 3x a frozen-body one (forward, backward, step)
 AUG_OVERHEAD = 1.15  # an augmented training pass over the frozen body vs the clean step-2 body pass
+FINISH_VALID_PASSES = 2  # the final get_preds, and the confusion matrix's (fastai's interpretation runs its own)
 FINISH_FIXED_S = 5.0  # s: plots, report.md, the bundle and export.pkl, besides the validation passes
 MAX_HEAD_CYCLES = 3  # step 4 gets at most this many cycles from spare time (the lesson: 2-3)
 MAX_FULL_CYCLES = 5  # step 8: at most 1 + 2 + 4 + 8 + 16 epochs however long the budget
@@ -154,4 +155,4 @@ def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_trai
     return Timings(spent=m.get("spent", 0.0), precompute_epoch=pre, head_epoch=head_train + valid,
                    lr_find_full=0.0 if m.get("lr_find_full_done") else lr_find_iters * full_batch,
                    full_epoch=m.get("full_epoch_train", full_batch * n_train_batches), valid=valid,
-                   finish=valid * (1 + tta_passes * AUG_OVERHEAD) + FINISH_FIXED_S)
+                   finish=valid * (FINISH_VALID_PASSES + tta_passes * AUG_OVERHEAD) + FINISH_FIXED_S)

@@ -323,9 +323,10 @@ def recipe_main(argv: Sequence[str] | None = None, prog: str = "fastlesson-recip
 
 def scrape_parser(prog: str = "fastlesson-scrape") -> argparse.ArgumentParser:
     """The scraper's parser: class names as positionals, every other ScrapeConfig field an option."""
+    from fastlesson import scrape
     from fastlesson.scrape import ScrapeConfig
 
-    doc = (sys.modules["fastlesson.scrape"].__doc__ or "").strip()
+    doc = (scrape.__doc__ or "").strip()  # the package's docstring
     desc = (doc + "\n\n    fastlesson-scrape daisy horse --dest data/dh\n"
             "    fastlesson-scrape --from-urls urls.json --dest data/dh   # a fixed URL list, no search\n\n"
             "Search filters (--type-image, --size, --license-image) and --from-urls take '' or none "

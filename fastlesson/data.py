@@ -358,6 +358,55 @@ def _tfms(size: int, item_size: int | None, aug: bool, small: bool):
     return [RandomResizedCrop(item_size, min_scale=MIN_SCALE, val_xtra=VAL_XTRA)], aug_transforms(size=size)
 
 
+def _check_sizes(size, bs) -> None:
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size={size!r} must be an image side in pixels (int >= 8), e.g. 224")
+    if not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"bs={bs!r} must be a positive batch size, e.g. 64")
+
+
+def _source_path(source, url: str | None, download_base) -> Path:
+    """The local folder of `source`: downloaded (and unpacked) once for a named data set."""
+    name = str(source)
+    if name in URLS:
+        try:
+            return Path(untar_data(url or URLS[name], base=download_base))
+        except OSError as err:  # URLError, refused connection: offline
+            raise FileNotFoundError(
+                f"Could not download {name!r} from {url or URLS[name]} ({type(err).__name__}: {err}). Offline? "
+                f"Use --data sample (shipped with fastlesson) or --data PATH to a local folder.") from err
+    if name == "sample":
+        return sample_path()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"Data folder {path} does not exist: pass one of {', '.join(SOURCES)} "
+                                f"or a folder of class folders (train/ + valid/, or one folder)")
+    return path
+
+
+def _source_items(name: str, path: Path, valid_pct: float, seed: int, skipped: list) -> tuple[list[Item], str]:
+    """(items, how the validation split was chosen) for the source `name` found at `path`."""
+    if name == "flowers":
+        return _flowers_items(path, skipped)
+    items, split = _folder_items(path, valid_pct, seed, skipped)
+    names_json = path / "cat_to_name.json"
+    if names_json.is_file():
+        items = _rename(items, json.loads(names_json.read_text()), names_json)
+    return items, split
+
+
+def _dataloaders(items: list[Item], tfms, opener: ImageOpener, bs: int, seed: int, num_workers: int, device):
+    """Seeded fastai DataLoaders over `items` through fastai's DataBlock; `tfms` = (item_tfms, batch_tfms)."""
+    classes = sorted({lbl for _, lbl, _ in items})
+    image = TransformBlock(type_tfms=opener, batch_tfms=IntToFloatTensor)  # ImageBlock's, with our opener
+    block = DataBlock(blocks=(image, CategoryBlock(vocab=classes)),
+                      get_x=ColReader("path"), get_y=ColReader("label"), splitter=ColSplitter("is_valid"),
+                      item_tfms=tfms[0], batch_tfms=tfms[1])
+    set_seed(seed)  # the loaders' shuffle RNGs are drawn from the global seed when they are created
+    df = pd.DataFrame(items, columns=["path", "label", "is_valid"])
+    return block.dataloaders(df, bs=bs, num_workers=num_workers, device=device)
+
+
 def load_data(source, size: int = 224, bs: int = 64, seed: int = 42, valid_pct: float = 0.2,
               num_workers: int = 0, item_size: int | None = None, aug: bool = True,
               small: bool | None = None, check_images: bool = True, url: str | None = None,
@@ -369,51 +418,19 @@ def load_data(source, size: int = 224, bs: int = 64, seed: int = 42, valid_pct: 
     their short side) are decoded once, here, and their reduced copies kept in `image_cache` (True: the
     default folder, see `default_image_cache`; a path; False: decode them at reduced scale every epoch).
     """
-    if not isinstance(size, int) or size < 8:
-        raise ValueError(f"size={size!r} must be an image side in pixels (int >= 8), e.g. 224")
-    if not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"bs={bs!r} must be a positive batch size, e.g. 64")
+    _check_sizes(size, bs)
     skipped: list[tuple[Path, str]] = []
     name = str(source)
-    if name in URLS:
-        try:
-            path = untar_data(url or URLS[name], base=download_base)
-        except OSError as err:  # URLError, refused connection: offline
-            raise FileNotFoundError(
-                f"Could not download {name!r} from {url or URLS[name]} ({type(err).__name__}: {err}). Offline? "
-                f"Use --data sample (shipped with fastlesson) or --data PATH to a local folder.") from err
-    elif name == "sample":
-        path = sample_path()
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"Data folder {path} does not exist: pass one of {', '.join(SOURCES)} "
-                                    f"or a folder of class folders (train/ + valid/, or one folder)")
-    path = Path(path)
-    if name == "flowers":
-        items, split = _flowers_items(path, skipped)
-    else:
-        items, split = _folder_items(path, valid_pct, seed, skipped)
-        names_json = path / "cat_to_name.json"
-        if names_json.is_file():
-            items = _rename(items, json.loads(names_json.read_text()), names_json)
+    path = _source_path(source, url, download_base)
+    items, split = _source_items(name, path, valid_pct, seed, skipped)
     if small is None:
         small = name.startswith("cifar") or _is_small(items)
     side = _item_side(size, item_size, aug, small)
     cache_dir = _cache_dir(image_cache, small)
     items, cached = _prepare_all(items, side, cache_dir, check_images, skipped)
     items = _check(items, path, split)
-
-    item_tfms, batch_tfms = _tfms(size, item_size, aug, small)
-    classes = sorted({lbl for _, lbl, _ in items})
-    opener = TransformBlock(type_tfms=ImageOpener(side, cached), batch_tfms=IntToFloatTensor)  # ImageBlock's
-    block = DataBlock(blocks=(opener, CategoryBlock(vocab=classes)),
-                      get_x=ColReader("path"), get_y=ColReader("label"), splitter=ColSplitter("is_valid"),
-                      item_tfms=item_tfms, batch_tfms=batch_tfms)
-    set_seed(seed)  # the loaders' shuffle RNGs are drawn from the global seed when they are created
-    df = pd.DataFrame(items, columns=["path", "label", "is_valid"])
-    dls = block.dataloaders(df, bs=bs, num_workers=num_workers, device=device)
-    dls.image_size = size  # read by create_learner for the export metadata
+    dls = _dataloaders(items, _tfms(size, item_size, aug, small), ImageOpener(side, cached), bs, seed,
+                       num_workers, device)
     n_valid = sum(v for _, _, v in items)
     return DataResult(dls=dls, classes=list(dls.vocab), source=name, path=path, skipped=skipped,
                       size=size, n_train=len(items) - n_valid, n_valid=n_valid, split=split,

@@ -13,7 +13,6 @@ raises ``BadModelFileError`` (a ValueError) with one line naming the file and wh
 from __future__ import annotations
 
 import json
-import platform
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,8 @@ from fastai.data.transforms import Normalize, image_extensions
 from fastai.vision.augment import RandomResizedCrop, Resize
 from PIL import Image
 
-from fastlesson._io import atomic_write, atomic_write_text
+from fastlesson._io import atomic_write, write_json  # re-exported: fastlesson.export.write_json
+from fastlesson.env import versions
 from fastlesson.images import load_rgb  # re-exported: fastlesson.export.load_rgb stays importable
 from fastlesson.space_app import (
     EXAMPLES_DIR,
@@ -123,32 +123,23 @@ def _decode_side(learn) -> int | None:
     return None
 
 
-def _versions() -> dict:
-    """Library versions stored next to the weights (for the person who loads them a year later)."""
-    import fastai
-    import timm
-    import torchvision
-
-    from fastlesson import __version__
-    return {"fastlesson": __version__, "fastai": fastai.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
-
-
 # ---------------------------------------------------------------- saving
 
 
-def write_json(path, obj) -> Path:
-    """Write `obj` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, default=str) + "\n"
-    return atomic_write_text(path, text)
+def _recorded_arch(learn) -> str | None:
+    """The backbone name `create_learner` recorded (`fastlesson.models.ModelInfo`); None for other learners."""
+    from fastlesson.models import model_info
+
+    info = model_info(learn)
+    # getattr: export.pkl files written before ModelInfo hold a plain Learner with an `arch_name`
+    return info.arch if info else getattr(learn, "arch_name", None)
 
 
 def export_bundle(learn, out_dir, arch: str | None = None, extra: dict | None = None) -> Path:
     """Write the safe bundle (model.safetensors + model.json) for `learn` into `out_dir`."""
     from safetensors.torch import save_file
 
-    arch = arch or getattr(learn, "arch_name", None)
+    arch = arch or _recorded_arch(learn)
     if not arch:
         raise ValueError("export_bundle needs the architecture name: pass arch='tf_efficientnet_lite0' "
                          "(or build the learner with fastlesson.create_learner, which records it)")
@@ -160,7 +151,7 @@ def export_bundle(learn, out_dir, arch: str | None = None, extra: dict | None = 
     spec = preprocessing_spec(learn)
     meta = {"format": BUNDLE_FORMAT, "arch": arch, "n_out": len(classes), "classes": classes,
             "size": spec["resize"]["size"], **spec, "weights": BUNDLE_WEIGHTS,
-            "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {})}
     return write_json(out_dir / BUNDLE_META, meta)
 
@@ -649,7 +640,7 @@ def _load_pickle(pkl: Path, device=None) -> Predictor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fastai's insecure-pickle warning: the caller opted in
         learn = load_learner(pkl, cpu=device in (None, "cpu") or not torch.cuda.is_available())
-    meta = {"arch": getattr(learn, "arch_name", None), **preprocessing_spec(learn)}
+    meta = {"arch": _recorded_arch(learn), **preprocessing_spec(learn)}
     return TorchPredictor(learn.model, [str(c) for c in learn.dls.vocab], meta, learn=learn,
                           device=device or "cpu")
 

@@ -5,20 +5,24 @@ white. ``load_rgb(src, min_side=s)`` also asks the JPEG decoder for a 1/2, 1/4 o
 (PIL's ``Image.draft``) whose short side is still at least ``s`` pixels: a 4000x3000 photo needed at
 200 px decodes as 500x375, several times faster than a full decode followed by a resize.
 Other formats ignore ``min_side`` and decode at full size.
+``to_rgb(img)`` is the mode conversion on its own (the scraper also runs ``to_8bit`` first, which scales
+16-bit and float images where PIL would clip them).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 # one implementation, in the file a Hugging Face Space runs on its own (no fastlesson there)
 from fastlesson.space_app import reduce_image, reduced_size  # noqa: F401  (reduced_size re-exported)
 
-__all__ = ["draft_size", "load_rgb", "reduced_size"]
+__all__ = ["draft_size", "load_rgb", "reduced_size", "to_8bit", "to_rgb"]
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # single-channel, more than 8 bits a sample
 
 
 def _check_min_side(min_side) -> None:
@@ -53,6 +57,46 @@ def _open(path: Path, min_side: int | None) -> Image.Image:
     return img
 
 
+def to_rgb(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """Any PIL mode -> RGB: palette transparency and alpha composited on white, CMYK/palette/grey converted.
+
+    Appends what it changed to `notes` ("palette->RGB", "alpha on white", "CMYK->RGB", ...). 16-bit and
+    float images are clipped by PIL's own conversion here; pass them through `to_8bit` first to scale them.
+    """
+    notes = [] if notes is None else notes
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append("palette->RGB")
+    if img.mode in ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba).convert("RGB")
+        notes.append("alpha on white")
+    if img.mode != "RGB":
+        notes.append(f"{img.mode}->RGB")
+        img = img.convert("RGB")
+    return img
+
+
+def to_8bit(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """A 16-bit or float single-channel image -> 8-bit 'L', scaled rather than clipped; others unchanged.
+
+    16-bit samples (PIL opens 16-bit PNGs as 'I' too) map 65535 -> 255, values outside 0..65535 clip;
+    float data has no fixed range, so it is stretched to 0..255. Appends "16-bit->8-bit" to `notes`.
+    """
+    if img.mode not in DEEP_MODES:
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / max(hi - lo, 1e-12) * 255
+    else:
+        arr = arr / 257.0
+    if notes is not None:
+        notes.append("16-bit->8-bit")
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def load_rgb(src, min_side: int | None = None, reduce: bool = False) -> Image.Image:
     """Open an image as RGB the way a person sees it: EXIF rotation applied, transparency on white.
 
@@ -65,12 +109,5 @@ def load_rgb(src, min_side: int | None = None, reduce: bool = False) -> Image.Im
     _check_min_side(min_side)
     img = src if isinstance(src, Image.Image) else _open(Path(src), min_side)
     full = getattr(img, "_fastlesson_full", img.size)
-    img = ImageOps.exif_transpose(img)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # palette transparency -> real alpha, composited below
-    if img.mode in ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    img = img.convert("RGB")
+    img = to_rgb(ImageOps.exif_transpose(img))
     return reduce_image(img, full, min_side) if reduce and min_side is not None else img

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -23,10 +24,13 @@ from torch import nn
 __all__ = [
     "OFFLINE_ARCHS",
     "OFFLINE_WEIGHTS",
+    "BackboneLearner",
+    "ModelInfo",
     "WeightsUnavailableError",
     "build_model",
     "create_learner",
     "load_offline_weights",
+    "model_info",
     "model_stats",
     "native_size",
     "splitter",
@@ -272,12 +276,37 @@ def _smoothed_loss(label_smoothing: float, loss_func):
     return LabelSmoothingCrossEntropyFlat(eps=float(label_smoothing))
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `create_learner` built: the backbone (what `export_bundle` records as `arch`) and its inputs."""
+
+    arch: str  # backbone name, e.g. "tf_efficientnet_lite0"
+    n_out: int  # classes
+    mean: tuple[float, ...]  # per-channel input normalisation: the model's own pretrained stats
+    std: tuple[float, ...]
+    pretrained: bool  # True: ImageNet weights were loaded
+
+
+class BackboneLearner(Learner):
+    """fastai's `Learner` for a named backbone; `model_info` says which (`create_learner` makes these)."""
+
+    def __init__(self, dls, model, model_info: ModelInfo, **kw):
+        super().__init__(dls, model, **kw)
+        self.model_info = model_info
+
+
+def model_info(learn) -> ModelInfo | None:
+    """The `ModelInfo` `create_learner` recorded for `learn`; None for a learner built some other way."""
+    return learn.model_info if isinstance(learn, BackboneLearner) else None
+
+
 def create_learner(dls, arch: str = "tf_efficientnet_lite0", pretrained: bool = True, opt_func=None,
-                   metrics=None, loss_func=None, label_smoothing: float = 0.0, **kw) -> Learner:
+                   metrics=None, loss_func=None, label_smoothing: float = 0.0, **kw) -> BackboneLearner:
     """A fastai Learner: `arch` body + fastai head, three layer groups, the model's own input stats.
 
     `label_smoothing` > 0 trains with fastai's LabelSmoothingCrossEntropyFlat(eps=label_smoothing)
     (the same loss as torch's cross_entropy(label_smoothing=eps)); 0 keeps fastai's default loss.
+    `learn.model_info` records the arch, classes and input stats (see `ModelInfo`).
     """
     loss_func = _smoothed_loss(label_smoothing, loss_func)
     n_out = getattr(dls, "c", None)
@@ -293,11 +322,9 @@ def create_learner(dls, arch: str = "tf_efficientnet_lite0", pretrained: bool = 
         opt_func = named_opt(opt_func)
     if opt_func is not None:
         kw["opt_func"] = opt_func
-    learn = Learner(dls, model, loss_func=loss_func, splitter=splitter,
-                    metrics=[accuracy] if metrics is None else metrics, **kw)
+    info = ModelInfo(arch=arch, n_out=n_out, mean=tuple(mean), std=tuple(std), pretrained=pretrained)
+    learn = BackboneLearner(dls, model, info, loss_func=loss_func, splitter=splitter,
+                            metrics=[accuracy] if metrics is None else metrics, **kw)
     if pretrained:
         learn.freeze()  # train the head first, as fastai's vision_learner does
-    learn.arch_name = arch
-    learn.model_meta = {"arch": arch, "mean": list(mean), "std": list(std), "n_out": n_out,
-                        "pretrained": pretrained, "size": getattr(dls, "image_size", None)}
     return learn

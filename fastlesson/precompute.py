@@ -36,8 +36,8 @@ from fastlesson.distributed import (
     trainer_cbs,
 )
 
-__all__ = ["PrecomputeResult", "CachedFeatures", "precompute_head", "precompute_learner", "cache_key",
-           "clear_memory_cache"]
+__all__ = ["PrecomputeResult", "CachedFeatures", "CacheInfo", "HeadLearner", "precompute_head",
+           "precompute_learner", "cache_key", "clear_memory_cache"]
 
 _FORMAT = "fastlesson-precompute-1"  # bump when the cache layout or key recipe changes
 
@@ -224,11 +224,20 @@ def _features(learn, bs, cache_dir, device) -> tuple[CachedFeatures, str, bool, 
 
 
 @dataclass
-class _CacheInfo:
-    key: str
-    hit: bool
-    path: Path | None
+class CacheInfo:
+    """Where a `HeadLearner`'s activations came from."""
+    key: str  # see cache_key; "" when the data set cannot be identified (nothing cached across calls)
+    hit: bool  # True: from memory or disk, the body did not run
+    path: Path | None  # the cache file (None: memory only)
     seconds: float  # building (or loading) the activations, key included
+
+
+class HeadLearner(Learner):
+    """fastai's `Learner` for the head alone, on cached body activations (made by `precompute_learner`)."""
+
+    def __init__(self, dls, model, features: CachedFeatures, cache: CacheInfo, **kw):
+        super().__init__(dls, model, **kw)
+        self.features, self.cache = features, cache  # the activations it trains on, and their origin
 
 
 def _check_bs(learn: Learner, bs: int | None) -> int:
@@ -238,13 +247,13 @@ def _check_bs(learn: Learner, bs: int | None) -> int:
     return bs
 
 
-def precompute_learner(learn: Learner, cache_dir=None, bs: int | None = None) -> Learner:
+def precompute_learner(learn: Learner, cache_dir=None, bs: int | None = None) -> HeadLearner:
     """A fastai ``Learner`` for ``learn.model[1]`` (the same head module) on cached body activations.
 
     The body runs once (or the cache is reused, see ``cache_key``); the returned learner trains, finds
     LRs for (``find_lr`` on it is fastai v0.7's ``lr_find`` with ``precompute=True``) and validates
-    the head in a fraction of the time of full forward passes. Its ``precompute`` attribute holds the
-    cache key, whether it was a hit, the cache file and the seconds spent building or loading it.
+    the head in a fraction of the time of full forward passes. Its ``features`` are the cached
+    activations, its ``cache`` (a ``CacheInfo``) the key, whether it was a hit, the file and the seconds.
     """
     _, head = _split_model(learn)
     bs = _check_bs(learn, bs)
@@ -255,22 +264,21 @@ def precompute_learner(learn: Learner, cache_dir=None, bs: int | None = None) ->
     # the body pass must not shift any RNG: a cache hit and a miss then train the head identically
     with preserved_rng(learn.dls):
         feats, key, hit, path = _features(learn, bs, cache_dir, device)
-    info = _CacheInfo(key, hit, path, time.perf_counter() - t0)
+    info = CacheInfo(key, hit, path, time.perf_counter() - t0)
 
     train_ds = TensorDataset(feats.train_x, feats.train_y)
     valid_ds = TensorDataset(feats.valid_x, feats.valid_y)
     # drop the last partial batch like fastai's train loader, unless that would leave no batch at all
     dls = DataLoaders.from_dsets(train_ds, valid_ds, bs=bs, device=device,
                                  drop_last=(len(train_ds) > bs, False))
-    head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, metrics=learn.metrics,
-                         lr=learn.lr, wd=learn.wd, wd_bn_bias=learn.wd_bn_bias, train_bn=learn.train_bn,
-                         moms=learn.moms, path=learn.path, model_dir=learn.model_dir, cbs=trainer_cbs(learn))
-    head_learn.precompute, head_learn.features = info, feats
-    return head_learn
+    return HeadLearner(dls, head, feats, info, loss_func=learn.loss_func, opt_func=learn.opt_func,
+                       metrics=learn.metrics, lr=learn.lr, wd=learn.wd, wd_bn_bias=learn.wd_bn_bias,
+                       train_bn=learn.train_bn, moms=learn.moms, path=learn.path, model_dir=learn.model_dir,
+                       cbs=trainer_cbs(learn))
 
 
 def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, bs: int | None = None,
-                    head_learn: Learner | None = None, **kw) -> PrecomputeResult:
+                    head_learn: HeadLearner | None = None, **kw) -> PrecomputeResult:
     """Train only ``learn.model[1]`` for ``n_epoch`` one-cycle epochs on cached body activations.
 
     ``head_learn``: a learner from ``precompute_learner(learn, ...)`` to reuse (e.g. after ``find_lr``
@@ -282,9 +290,10 @@ def precompute_head(learn: Learner, n_epoch: int, lr_max=None, cache_dir=None, b
     lr = _head_lr(learn, lr_max)
     if head_learn is None:
         head_learn = precompute_learner(learn, cache_dir=cache_dir, bs=bs)
-    elif head_learn.model is not learn.model[1]:
-        raise ValueError("head_learn does not train learn.model[1]; make it with precompute_learner(learn)")
-    info, feats = head_learn.precompute, head_learn.features
+    elif not isinstance(head_learn, HeadLearner) or head_learn.model is not learn.model[1]:
+        raise ValueError("head_learn does not train learn.model[1] on cached activations; make it with "
+                         "precompute_learner(learn)")
+    info, feats = head_learn.cache, head_learn.features
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():

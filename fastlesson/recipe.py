@@ -38,16 +38,16 @@ from fastlesson import budget as budgets
 from fastlesson import checkpoint as ckpt
 from fastlesson import distributed as ddp
 from fastlesson import report
-from fastlesson._io import save_png
+from fastlesson._io import save_png, write_json
 from fastlesson.callbacks import BestWeights
 from fastlesson.data import load_data
+from fastlesson.env import device_text
 from fastlesson.export import (
     export_bundle,
     export_learner,
     export_onnx,
     learner_tta,
     save_examples,
-    write_json,
 )
 from fastlesson.finder import RISE_TOL, find_lr, rise_lr  # noqa: F401  (RISE_TOL, rise_lr: re-exported)
 from fastlesson.models import create_learner
@@ -64,6 +64,10 @@ from fastlesson.schedule import (  # noqa: F401  (ValidateAtFitEnd, fit_until_ov
     lr_groups,
     n_groups,
 )
+
+__all__ = ["STEPS", "RecipeConfig", "RecipeResult", "RecipeState", "resume_recipe", "run_recipe", "start_recipe",
+           "step_data", "step_lr_find_head", "step_precompute", "step_head_sgdr", "step_unfreeze",
+           "step_discriminative", "step_lr_find_full", "step_full_sgdr", "step_evaluate", "step_report"]
 
 N_STEPS = 8
 TTA_PASSES = 2  # flip TTA: the validation image and its mirror (fastlesson.export.learner_tta)
@@ -376,7 +380,7 @@ def start_recipe(cfg: RecipeConfig | None = None) -> RecipeState:
           f"tests run on the global batch)" if n_proc > 1 else "")
     if ddp.is_main_process():
         print(f"fastlesson recipe: data={cfg.data} arch={cfg.arch} size={cfg.size}px bs={cfg.bs} "
-              f"opt={cfg.opt} on {_device_text()}; outputs in {state.out}"
+              f"opt={cfg.opt} on {device_text()}; outputs in {state.out}"
               f"{f'; budget {cfg.budget:g} min' if cfg.budget else ''}{dp}")
     return state
 
@@ -441,9 +445,9 @@ def step_lr_find_head(state: RecipeState) -> dict:
                     "lr_find_head", record=False)
         # cache in memory only: on disk the activations can be hundreds of MB (flowers at 160 px: ~370 MB)
         state.head_learn = precompute_learner(learn, cache_dir=None, bs=cfg.bs)
-        state.times["body_pass"] = state.head_learn.precompute.seconds
+        state.times["body_pass"] = state.head_learn.cache.seconds
         print(f"  body run once over {len(learn.dls.train_ds) + len(learn.dls.valid_ds)} images in "
-              f"{state.head_learn.precompute.seconds:.1f} s")
+              f"{state.head_learn.cache.seconds:.1f} s")
     else:
         steps.start(2, "LR range test with the body frozen", "lr_find_head", record=False)
     clock = _Clock()
@@ -768,12 +772,6 @@ def _hard_mining_cbs(cfg) -> list:
     return [HardExampleMining(frac=cfg.hard_mining)]
 
 
-def _device_text() -> str:
-    if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)} (mixed precision)"
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
 # ----------------------------------------------------------------------------- evaluation and outputs
 
 def step_evaluate(state: RecipeState) -> dict:
@@ -788,18 +786,18 @@ def step_evaluate(state: RecipeState) -> dict:
     if cfg.tta:  # flip TTA, the definition predict --tta and the app use (fastlesson.export.learner_tta)
         tp, tt = learner_tta(learn)
         final["accuracy_tta"] = float((tp.argmax(1) == tt).float().mean())
-    cm = report.confusion_matrix(targs.numpy(), pred_idx.numpy(), len(classes))
-    final["most_confused"] = report.most_confused(cm, classes, k=10)
+    interp = report.Interpretation(learn, learn.dls.valid, losses)  # fastai's, on the losses above
+    final["most_confused"] = interp.most_confused()[:10]
     if not ddp.is_main_process():  # data-parallel: one set of plots, rank 0's
         state.final, state.plots = final, {}
         return final
     plots = {f"lr_find_{k}": state.lrf[k]["plot"] for k in ("head", "full") if "plot" in state.lrf.get(k, {})}
     report.plot_lr_schedule(state.steps.segments, out / "lr_schedule.png")
     report.plot_losses(state.log.rows, out / "losses.png")
-    report.plot_confusion(cm, classes, out / "confusion.png")
+    report.plot_confusion(interp, out / "confusion.png")
     plots.update({"lr_schedule": "lr_schedule.png", "losses": "losses.png", "confusion": "confusion.png"})
     k = min(cfg.top_losses, len(losses))
-    top = losses.topk(k).indices.tolist()
+    top = interp.top_losses(k)[1].tolist()
     images = [_thumb(learn.dls.valid_ds, i, cfg.size) for i in top]
     if all(im is not None for im in images):
         report.plot_top_losses(images, [classes[targs[i]] for i in top], [classes[pred_idx[i]] for i in top],
@@ -824,7 +822,7 @@ def step_report(state: RecipeState) -> RecipeResult:
     """Export (safe bundle + export.pkl), metrics.json, history.csv, report.md; checkpoints removed
     unless cfg.keep_checkpoints. Returns the run's RecipeResult."""
     cfg, out, final = state.cfg, state.out, state.final
-    metrics = {"steps": state.steps.steps, "final": final, "lr_find": state.lrf, "device": _device_text(),
+    metrics = {"steps": state.steps.steps, "final": final, "lr_find": state.lrf, "device": device_text(),
                "skipped": state.skipped, "resumed": state.resumed,
                # world_size, global batch (bs x world_size) and the LR rule (not scaled, see distributed.py)
                "distributed": ddp.describe(cfg.bs)}

@@ -1,6 +1,7 @@
 """The run report: plots from plain arrays (headless matplotlib), history.csv and report.md.
 
-Every function here takes numbers, not a Learner, so it can be tested and reused on its own.
+Every plot takes numbers, not a Learner, so it can be tested and reused on its own; the confusion
+matrix, most-confused pairs and top losses come from fastai's ClassificationInterpretation (``Interpretation``).
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot): no display needed, no global state.
 """
 
@@ -8,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from fastai.interpret import ClassificationInterpretation
 from matplotlib.figure import Figure
 
 from fastlesson._io import atomic_write_text, save_png
@@ -99,26 +100,30 @@ def plot_losses(history: Sequence[dict], path=None) -> Figure:
     return fig
 
 
-def confusion_matrix(targets, preds, n_classes: int) -> np.ndarray:
-    """Counts[actual, predicted] as an (n_classes, n_classes) int array."""
-    cm = np.zeros((n_classes, n_classes), dtype=int)
-    np.add.at(cm, (np.asarray(targets, int), np.asarray(preds, int)), 1)
-    return cm
+class Interpretation(ClassificationInterpretation):
+    """fastai's ``ClassificationInterpretation`` (confusion matrix, most-confused pairs, top losses) over
+    the validation losses the run already has. What fastai lacks, and all that is added here: its
+    ``confusion_matrix`` runs ``get_preds`` again on every call (``most_confused`` calls it too), so the
+    matrix is computed once and kept; the pairs come back as plain ``(str, str, int)`` for JSON."""
+
+    _cm = None
+
+    def confusion_matrix(self) -> np.ndarray:
+        if self._cm is None:
+            self._cm = super().confusion_matrix()
+        return self._cm.copy()  # fastai's most_confused fills the diagonal of the matrix it gets
+
+    def most_confused(self, min_val: int = 1) -> list[tuple[str, str, int]]:
+        return [(str(a), str(p), int(n)) for a, p, n in super().most_confused(min_val)]
 
 
-def most_confused(cm: np.ndarray, classes: Sequence[str], k: int = 20) -> list[tuple[str, str, int]]:
-    """The `k` largest off-diagonal counts as (actual, predicted, count), largest first."""
-    off = np.array(cm, copy=True)
-    np.fill_diagonal(off, 0)
-    idx = np.dstack(np.unravel_index(np.argsort(-off, axis=None, kind="stable"), off.shape))[0]
-    return [(str(classes[a]), str(classes[p]), int(off[a, p])) for a, p in idx[:k] if off[a, p] > 0]
-
-
-def plot_confusion(cm: np.ndarray, classes: Sequence[str], path=None) -> Figure:
-    """Confusion matrix with counts (few classes) or a bar chart of the most-confused pairs (many)."""
+def plot_confusion(interp: Interpretation, path=None) -> Figure:
+    """Confusion matrix with counts (few classes) or a bar chart of the most-confused pairs (many).
+    fastai's ``plot_confusion_matrix`` draws on pyplot's global figure; this one is a plain Figure."""
+    classes = [str(c) for c in interp.vocab]
     if len(classes) > MANY_CLASSES:
-        return plot_most_confused(most_confused(cm, classes), path)
-    n = len(classes)
+        return plot_most_confused(interp.most_confused()[:20], path)
+    cm, n = interp.confusion_matrix(), len(classes)
     fig = Figure(figsize=(max(4, 0.45 * n + 2), max(3.5, 0.45 * n + 1.5)))
     ax = fig.add_subplot()
     ax.imshow(cm, cmap="Blues")
@@ -278,8 +283,3 @@ def _onnx_line(onnx: dict | None) -> str:
     return (f"- `model.onnx`: the same model for onnxruntime (`--backend onnx`); checked against PyTorch on "
             f"{onnx.get('n_checked')} validation images: max |difference| of probabilities "
             f"{onnx.get('max_abs_diff', float('nan')):.1e}, top-1 agreement {100 * onnx.get('top1_agreement', 0.0):.0f}%.")
-
-
-def relpath(path, start) -> str:
-    """`path` relative to `start` with forward slashes (Markdown links)."""
-    return Path(os.path.relpath(path, start)).as_posix()

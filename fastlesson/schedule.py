@@ -23,7 +23,7 @@ from fastlesson.callbacks import BestWeights
 
 __all__ = [
     "SCHEDULE_KINDS", "SGDRScheduler", "OverfitProgress", "ValidateAtFitEnd", "fit_one_cycle", "fit_sgdr",
-    "fit_until_overfit", "freeze", "lr_groups", "n_groups",
+    "fit_until_overfit", "freeze", "freeze_to", "lr_groups", "n_groups",
     "plot_schedules", "resolve_lrs", "schedule_preview", "sgdr_cycle_lengths", "sgdr_epochs", "sgdr_lrs",
     "unfreeze",
 ]

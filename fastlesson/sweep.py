@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -36,9 +35,11 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from matplotlib.figure import Figure
 
-from fastlesson._io import atomic_write_text, save_png
+from fastlesson._io import atomic_write_text, save_png, write_json
 from fastlesson.data import VALID_DIRS, load_data
+from fastlesson.env import hardware  # re-exported: fastlesson.sweep.hardware stays importable
 from fastlesson.optim import OPTIMIZERS, opt_func
 from fastlesson.schedule import fit_one_cycle
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter
@@ -153,21 +154,6 @@ def config_key(cfg: Mapping, **context) -> str:
     """Stable 12-hex hash of a configuration plus what else changes the result (data, seed, size, ...)."""
     payload = {k: list(v) if isinstance(v, tuple) else v for k, v in {**cfg, **context}.items()}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def hardware() -> str:
-    """Where the run happened, for the record: GPU name, or CPU model and thread count."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: platform's answer is all we have
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def make_smoke_data(root: Path | str, n_classes: int = 3, n_train: int = 12, n_test: int = 6,
@@ -333,13 +319,9 @@ def _csv_text(records: list[dict]) -> str:
 
 def plot_losses(record: dict, path: Path) -> Path:
     """Train vs valid loss per epoch for one configuration (PNG); a widening gap is overfitting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = np.arange(1, len(record["train_loss"]) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))  # no pyplot: headless, and no global figure left open
+    ax = fig.add_subplot()
     ax.plot(epochs, record["train_loss"], "o-", label="train")
     ax.plot(epochs, record["valid_loss"], "s-", label="valid")
     words = [f"{k}={_fmt(k, record[k])}" for k in GRID_KEYS if k in record]
@@ -348,9 +330,7 @@ def plot_losses(record: dict, path: Path) -> Path:
     ax.title.set_fontsize(7)
     ax.legend()
     fig.tight_layout()
-    save_png(fig, path)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def arch_kwargs(cfg: Mapping, size: int = 32) -> dict:
@@ -466,6 +446,64 @@ def _legacy_config(grid: Mapping | None, data, out_dir, **kw) -> SweepConfig:
                        **{k: v for k, v in grid.items()})
 
 
+def _write_effective(cfg: SweepConfig, grid: dict, n_configs: int, d, out_dir: Path) -> None:
+    """grid.yaml (the effective grid) and config.json (the config and what it resolved to)."""
+    effective = {"grid": {k: [list(v) if isinstance(v, tuple) else v for v in vals] for k, vals in grid.items()},
+                 "data": d.source, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug,
+                 "train_pct": cfg.train_pct, "n_configs": n_configs}
+    atomic_write_text(out_dir / "grid.yaml", yaml.safe_dump(effective, sort_keys=False))
+    write_json(out_dir / "config.json", {**asdict(cfg), "effective": effective}, indent=1)
+
+
+def _key_context(cfg: SweepConfig, d) -> dict:
+    """What, besides the hyperparameters, makes a result reusable (hashed into its key)."""
+    context = {"data": d.source, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug}
+    if cfg.train_pct is not None:  # left out when None, so older results.json keys still match
+        context["train_pct"] = cfg.train_pct
+    return context
+
+
+def _loaders(loaded: dict, cfg: SweepConfig, d, bs: int) -> tuple:
+    """(DataResult, test DataLoader or None) for batch size `bs`, loaded once and kept in `loaded`."""
+    if bs not in loaded:  # batches differ per bs; the images and split do not
+        res = load_data(d.folder, size=d.size, bs=bs, seed=cfg.seed, aug=cfg.aug,
+                        valid_pct=1 - cfg.train_pct if cfg.train_pct else 0.2)
+        loaded[bs] = (res, _test_dl(res.dls, d.test_dir) if d.test_dir is not None else None)
+    return loaded[bs]
+
+
+def _train_record(cfg: SweepConfig, d, c: dict, key: str, data: tuple, out_dir: Path) -> dict:
+    """Train configuration `c` on `data` = (DataResult, test DataLoader or None); its results.json record."""
+    res, test_dl = data
+    save_dir = out_dir / "models" / key if cfg.save_models else None
+    out = train_config({**c, "size": d.size}, res.dls, seed=cfg.seed, test_dl=test_dl, save_dir=save_dir)
+    record = {"key": key, **c, **out, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug,
+              "train_pct": cfg.train_pct, "data": d.source,
+              "eval_split": d.test_dir.name if d.test_dir is not None else res.split,
+              "valid_split": f"random {1 - cfg.train_pct:.0%} of train" if cfg.train_pct else res.split,
+              "hardware": hardware(), "torch": torch.__version__,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return json.loads(json.dumps(record))  # tuples -> lists, as they come back from results.json
+
+
+def _write_summary(cfg: SweepConfig, d, records: list, out_dir: Path, results_path: Path) -> tuple[str, dict]:
+    """Write sweep.md and sweep.csv; (the table, every output file by role)."""
+    table = sweep_table(records)
+    files = {"table": out_dir / "sweep.md", "csv": out_dir / "sweep.csv", "results": results_path,
+             "grid": out_dir / "grid.yaml", "config": out_dir / "config.json"}
+    splits = sorted({r.get("eval_split", "?") for r in records})
+    train_part = (f", trained on {cfg.train_pct:.0%} of train/ (the rest validates)" if cfg.train_pct else "")
+    header = (f"Sweep of small_cnn on {d.source}" + (f" (first {cfg.limit} images per class)" if cfg.limit else "")
+              + f", seed {cfg.seed}, {d.size} px, aug {cfg.aug}{train_part}; accuracy on the "
+              + f"{'/'.join(splits)} split; {hardware()}.\n\n")
+    atomic_write_text(files["table"], header + table)
+    atomic_write_text(files["csv"], _csv_text(records))
+    files["plots"] = out_dir / "plots"
+    if cfg.save_models:
+        files["models"] = out_dir / "models"
+    return table, files
+
+
 def run_sweep(cfg: SweepConfig | Mapping | None, data=None, out_dir: Path | str | None = None, *,
               log: Callable[[str], None] | None = print, **legacy) -> SweepResult:
     """Train every configuration of `cfg`'s grid and write table, CSV, plots and model bundles.
@@ -489,20 +527,13 @@ def run_sweep(cfg: SweepConfig | Mapping | None, data=None, out_dir: Path | str 
     out_dir = Path(cfg.out)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     d = _resolve_data(cfg, out_dir)
-    effective = {"grid": {k: [list(v) if isinstance(v, tuple) else v for v in vals] for k, vals in grid.items()},
-                 "data": d.source, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug,
-                 "train_pct": cfg.train_pct, "n_configs": len(configs)}
-    atomic_write_text(out_dir / "grid.yaml", yaml.safe_dump(effective, sort_keys=False))
-    atomic_write_text(out_dir / "config.json", json.dumps({**asdict(cfg), "effective": effective}, indent=1,
-                                                          default=str) + "\n")
+    _write_effective(cfg, grid, len(configs), d, out_dir)
 
     results_path = out_dir / "results.json"
     done = json.loads(results_path.read_text()) if results_path.exists() else {}
     loaded: dict[int, tuple] = {}  # bs -> (DataResult, test DataLoader or None)
     records, trained, resumed = [], 0, 0
-    context = {"data": d.source, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug}
-    if cfg.train_pct is not None:  # left out when None, so older results.json keys still match
-        context["train_pct"] = cfg.train_pct
+    context = _key_context(cfg, d)
     for i, c in enumerate(configs, 1):
         key = config_key(c, **context)
         desc = ", ".join(f"{k}={_fmt(k, v)}" for k, v in c.items())
@@ -512,39 +543,14 @@ def run_sweep(cfg: SweepConfig | Mapping | None, data=None, out_dir: Path | str 
             resumed += 1
             continue
         log(f"[{i}/{len(configs)}] {key} training: {desc}")
-        if c["bs"] not in loaded:  # batches differ per bs; the images and split do not
-            res = load_data(d.folder, size=d.size, bs=c["bs"], seed=cfg.seed, aug=cfg.aug,
-                            valid_pct=1 - cfg.train_pct if cfg.train_pct else 0.2)
-            loaded[c["bs"]] = (res, _test_dl(res.dls, d.test_dir) if d.test_dir is not None else None)
-        res, test_dl = loaded[c["bs"]]
-        save_dir = out_dir / "models" / key if cfg.save_models else None
-        out = train_config({**c, "size": d.size}, res.dls, seed=cfg.seed, test_dl=test_dl, save_dir=save_dir)
-        record = {"key": key, **c, **out, "seed": cfg.seed, "size": d.size, "limit": cfg.limit, "aug": cfg.aug,
-                  "train_pct": cfg.train_pct, "data": d.source,
-                  "eval_split": d.test_dir.name if d.test_dir is not None else res.split,
-                  "valid_split": f"random {1 - cfg.train_pct:.0%} of train" if cfg.train_pct else res.split,
-                  "hardware": hardware(), "torch": torch.__version__,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        record = json.loads(json.dumps(record))  # tuples -> lists, as they come back from results.json
+        record = _train_record(cfg, d, c, key, _loaders(loaded, cfg, d, c["bs"]), out_dir)
         plot_losses(record, out_dir / "plots" / f"{key}.png")
         done[key] = record
-        atomic_write_text(results_path, json.dumps(done, indent=1))  # after each one, so a crash loses one
+        write_json(results_path, done, indent=1)  # after each one, so a crash loses one
         records.append(record)
         trained += 1
         log(f"    test accuracy {record['accuracy']:.4f}, {record['seconds']:.1f} s"
             + (f", model {record['model']}" if record.get("model") else ""))
 
-    table = sweep_table(records)
-    files = {"table": out_dir / "sweep.md", "csv": out_dir / "sweep.csv", "results": results_path,
-             "grid": out_dir / "grid.yaml", "config": out_dir / "config.json"}
-    splits = sorted({r.get("eval_split", "?") for r in records})
-    train_part = (f", trained on {cfg.train_pct:.0%} of train/ (the rest validates)" if cfg.train_pct else "")
-    header = (f"Sweep of small_cnn on {d.source}" + (f" (first {cfg.limit} images per class)" if cfg.limit else "")
-              + f", seed {cfg.seed}, {d.size} px, aug {cfg.aug}{train_part}; accuracy on the "
-              + f"{'/'.join(splits)} split; {hardware()}.\n\n")
-    atomic_write_text(files["table"], header + table)
-    atomic_write_text(files["csv"], _csv_text(records))
-    files["plots"] = out_dir / "plots"
-    if cfg.save_models:
-        files["models"] = out_dir / "models"
+    table, files = _write_summary(cfg, d, records, out_dir, results_path)
     return SweepResult(records, out_dir, table, trained, resumed, files)

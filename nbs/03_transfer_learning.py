@@ -49,9 +49,9 @@ from fastlesson import (
     lr_groups,
     n_groups,
     precompute_head,
-    resolve_lrs,
     unfreeze,
 )
+from fastlesson.schedule import resolve_lrs
 
 SIZE = 32 if SMALL else 128  # px, side of the training images
 BS = 32  # images per batch

@@ -74,7 +74,7 @@ def test_bundle_files_and_metadata(exported):
     assert (out / BUNDLE_WEIGHTS).is_file() and (out / "export.pkl").is_file()
     assert meta["arch"] == ARCH and meta["classes"] == ["a", "b", "c"] and meta["n_out"] == 3
     assert meta["size"] == [SIZE, SIZE] and meta["resize"]["type"] == "Resize"
-    mean, std = learn.model_meta["mean"], learn.model_meta["std"]  # the model's own stats, not guessed
+    mean, std = learn.model_info.mean, learn.model_info.std  # the model's own stats, not guessed
     assert np.allclose(meta["mean"], mean) and np.allclose(meta["std"], std)
     for lib in ("fastlesson", "fastai", "torch", "timm"):
         assert meta["versions"][lib]

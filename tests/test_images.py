@@ -1,4 +1,5 @@
-"""load_rgb: EXIF rotation, transparency on white, clear errors, and JPEG draft decoding above min_side."""
+"""load_rgb: EXIF rotation, transparency on white, clear errors, and JPEG draft decoding above min_side;
+to_rgb / to_8bit: any PIL mode to RGB (alpha on white), 16-bit and float scaled."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastlesson.images import draft_size, load_rgb
+from fastlesson.images import draft_size, load_rgb, to_8bit, to_rgb
 
 W, H = 4000, 3000  # a 12-megapixel camera photo
 
@@ -143,3 +144,68 @@ def test_errors_name_the_problem(tmp_path):
     for bad in (0, -5, 2.5, True, "200"):
         with pytest.raises(ValueError, match="min_side"):
             load_rgb(tmp_path / "ok.jpg", min_side=bad)
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped():
+    a16 = np.array([[0, 257, 32896, 65535]])  # 0, 1, 128, 255 in 8 bits
+    # every 16-bit layout PIL can hand over (big-endian TIFFs open as I;16B)
+    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
+        im = Image.frombytes(mode, (4, 1), a16.astype(dtype).tobytes())
+        assert np.asarray(to_rgb(to_8bit(im, [])))[0, :, 0].tolist() == [0, 1, 128, 255], mode
+    a32 = Image.fromarray(np.array([[0, 257, 32896, 65535, -1000, 100_000]], np.int32), "I")
+    assert np.asarray(to_rgb(to_8bit(a32)))[0, :, 0].tolist() == [0, 1, 128, 255, 0, 255]  # clipped, no wrap
+    f = Image.fromarray(np.array([[-1.0, 0.0, 1.0, 2.0, 3.0]], np.float32), "F")  # no fixed range: stretched
+    notes = []
+    assert np.asarray(to_rgb(to_8bit(f, notes), notes))[0, :, 0].tolist() == [0, 64, 128, 191, 255]
+    narrow = Image.fromarray(np.array([[0.0, 0.25, 0.5]], np.float32), "F")  # a range under 1 is stretched too
+    assert np.asarray(to_rgb(to_8bit(narrow)))[0, :, 0].tolist() == [0, 128, 255]
+    assert notes == ["16-bit->8-bit", "L->RGB"]
+    flat = Image.fromarray(np.full((1, 3), 7.5, np.float32), "F")  # constant: no division by zero
+    assert np.asarray(to_rgb(to_8bit(flat)))[0, :, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_transparent_pixels_become_white_opaque_ones_keep_their_colour(mode):
+    a = np.zeros((2, 2, 4), np.uint8)
+    a[0, 0] = (200, 40, 40, 255)  # opaque red
+    a[0, 1] = (200, 40, 40, 0)  # fully transparent
+    a[1, 0] = (0, 0, 0, 128)  # half-transparent black over white -> mid grey
+    im = Image.fromarray(a, "RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    elif mode == "PA":
+        im = im.convert("RGB").quantize(8).convert("PA")
+        im.putalpha(Image.fromarray(a[..., 3]))
+    notes = []
+    out = np.asarray(to_rgb(im, notes)).astype(int)
+    assert "alpha on white" in notes and out.shape == (2, 2, 3)
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert abs(out[1, 0] - 127).max() <= 2
+    if mode == "RGBA":
+        assert out[0, 0].tolist() == [200, 40, 40]
+    assert out[0, 0].min() < 200  # not washed out to white
+
+
+def test_palette_transparent_index_becomes_white():
+    """A palette PNG's transparent index shows the page behind it (white), not the colour it stores."""
+    a = np.zeros((2, 2), np.uint8)
+    a[0, 1] = 1
+    im = Image.fromarray(a, "P")
+    im.putpalette([10, 10, 10, 200, 40, 40] + [0] * 762)
+    im.info["transparency"] = 0  # index 0 (stored as near-black) is transparent
+    notes = []
+    out = np.asarray(to_rgb(im, notes)).astype(int)
+    assert notes == ["palette->RGB", "alpha on white"]
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [200, 40, 40]
+
+
+def test_to_rgb_leaves_rgb_alone_and_clips_deep_images_that_skip_to_8bit():
+    rgb = Image.fromarray(_pattern(8, 6))
+    notes = []
+    assert to_rgb(rgb, notes) is rgb and notes == []
+    assert to_8bit(rgb) is rgb  # not a deep mode: unchanged
+    a16 = Image.frombytes("I;16", (4, 1), np.array([[0, 257, 32896, 65535]]).astype("<u2").tobytes())
+    assert np.asarray(to_rgb(a16))[0, :, 0].tolist() == [0, 255, 255, 255]  # PIL's clip, as load_rgb did
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
+    notes = []
+    assert np.asarray(to_rgb(cmyk, notes))[0, 0].tolist() == [255, 0, 0] and notes == ["CMYK->RGB"]

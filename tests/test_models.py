@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from fastai.data.transforms import Normalize
+from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.vision.augment import Resize
 from fastai.vision.data import ImageDataLoaders
@@ -22,10 +23,12 @@ from fastlesson.images import load_rgb
 from fastlesson.models import (
     OFFLINE_ARCHS,
     OFFLINE_WEIGHTS,
+    ModelInfo,
     WeightsUnavailableError,
     build_model,
     create_learner,
     load_offline_weights,
+    model_info,
     model_stats,
     native_size,
     splitter,
@@ -209,7 +212,6 @@ def _normalizers(dls):
 
 
 def test_create_learner_frozen_three_groups_model_stats(dls):
-    dls.image_size = 32
     learn = create_learner(dls, "tf_efficientnet_lite0", pretrained=True)
     learn.create_opt()
     assert len(learn.opt.param_groups) == 3
@@ -218,9 +220,9 @@ def test_create_learner_frozen_three_groups_model_stats(dls):
     for norms in _normalizers(dls):
         assert len(norms) == 1 and torch.allclose(norms[0].mean.cpu().flatten(), torch.tensor([0.5] * 3))
     assert learn.metrics[0].func is accuracy
-    assert learn.arch_name == "tf_efficientnet_lite0"
-    assert learn.model_meta == {"arch": "tf_efficientnet_lite0", "mean": [0.5] * 3, "std": [0.5] * 3,
-                                "n_out": 3, "pretrained": True, "size": 32}
+    assert model_info(learn) == learn.model_info == ModelInfo(
+        arch="tf_efficientnet_lite0", n_out=3, mean=(0.5,) * 3, std=(0.5,) * 3, pretrained=True)
+    assert model_info(Learner(dls, learn.model)) is None  # a plain fastai Learner records nothing
     learn.fit(1)  # one epoch on 6 tiny images: the data, model and loss fit together
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
 

@@ -253,7 +253,7 @@ def test_lr_range_test_on_the_cache_leaves_the_head_as_it_was(tiny_learner):
     learn = tiny_learner()
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     hl = precompute_learner(learn)
-    assert hl.model is learn.model[1] and not hl.precompute.hit
+    assert hl.model is learn.model[1] and not hl.cache.hit
     res = find_lr(hl, num_it=30)
     assert len(res.lrs) >= 16 and res.suggestion > 0
     assert all(torch.equal(v, before[k]) for k, v in learn.model.state_dict().items())

@@ -9,6 +9,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -298,20 +299,40 @@ def test_freeze_to_past_the_body_is_refused_before_any_output(tmp_path):
 # ---------------------------------------------------------------- report.py on plain arrays
 
 
-def test_confusion_matrix_and_most_confused():
-    cm = report.confusion_matrix([0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 1, 1], 3)
-    assert cm.tolist() == [[1, 1, 0], [0, 1, 1], [0, 2, 1]]
-    assert report.most_confused(cm, ["a", "b", "c"]) == [("c", "b", 2), ("a", "b", 1), ("b", "c", 1)]
-    assert report.most_confused(np.eye(3, dtype=int), ["a", "b", "c"]) == []
+def _interp(targets, preds, classes):
+    """report.Interpretation over fixed predictions; the fake learner counts its get_preds calls."""
+    import torch
+    from fastai.data.transforms import CategoryMap
+
+    calls = []
+
+    def get_preds(**kw):
+        calls.append(kw)
+        probs = torch.nn.functional.one_hot(torch.tensor(preds), len(classes)).float()
+        return probs, torch.tensor(targets), torch.tensor(preds)
+
+    learn = SimpleNamespace(get_preds=get_preds)
+    dl = SimpleNamespace(vocab=CategoryMap(list(classes)))
+    return report.Interpretation(learn, dl, torch.zeros(len(targets))), calls
+
+
+def test_interpretation_is_fastais_with_one_prediction_pass():
+    interp, calls = _interp([0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 1, 1], "abc")
+    assert interp.confusion_matrix().tolist() == [[1, 1, 0], [0, 1, 1], [0, 2, 1]]
+    assert interp.most_confused() == [("c", "b", 2), ("a", "b", 1), ("b", "c", 1)]
+    assert all(type(n) is int and type(a) is str for a, _, n in interp.most_confused())  # JSON-able
+    assert interp.confusion_matrix().trace() == 3  # most_confused did not zero the kept matrix
+    assert len(calls) == 1 and calls[0]["with_decoded"]  # fastai's own get_preds, run once
+    assert _interp([0, 1, 2], [0, 1, 2], "abc")[0].most_confused() == []
 
 
 def test_confusion_plot_switches_to_pairs_for_many_classes(tmp_path):
-    few = report.plot_confusion(np.eye(3, dtype=int), list("abc"), tmp_path / "few.png")
+    few = report.plot_confusion(_interp([0, 1, 2], [0, 1, 2], "abc")[0], tmp_path / "few.png")
     assert "confusion matrix" in few.axes[0].get_title()
     n = report.MANY_CLASSES + 1
-    cm = np.eye(n, dtype=int)
-    cm[0, 1] = 3
-    many = report.plot_confusion(cm, [f"c{i}" for i in range(n)], tmp_path / "many.png")
+    targets = list(range(n)) + [0, 0, 0]
+    many = report.plot_confusion(_interp(targets, list(range(n)) + [1, 1, 1], [f"c{i}" for i in range(n)])[0],
+                                 tmp_path / "many.png")
     assert "most-confused" in many.axes[0].get_title()
     assert [t.get_text() for t in many.axes[0].get_yticklabels()] == ["c0 -> c1"]
     for f in ("few.png", "many.png"):

@@ -20,18 +20,23 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import fastlesson.scrape_fetch as scrape_fetch
+import fastlesson.scrape.fetch as scrape_fetch
+from fastlesson.images import to_rgb
 from fastlesson.scrape import (
     STATUSES,
+    DDGSBackend,
     ScrapeConfig,
+    SearchHit,
+    StaticBackend,
     UrlEntry,
     assign_split,
     class_folder,
+    normalise_image,
+    phash_distance,
     read_url_list,
     scrape_dataset,
+    search_with_retry,
 )
-from fastlesson.scrape_image import _to_rgb, normalise_image, phash_distance
-from fastlesson.scrape_search import DDGSBackend, SearchHit, StaticBackend, search_with_retry
 
 from _scrape_server import ScrapeServer, build_routes, encode, exif_rotated_jpeg, pattern, png_bomb
 
@@ -700,63 +705,10 @@ def test_pixel_cap_and_size_limits_are_inclusive_bounds(tmp_path):
     assert small.orig_size == (80, 60) and "80x60" in small.reason
 
 
-def test_16_bit_and_float_images_are_scaled_not_clipped():
-    a16 = np.array([[0, 257, 32896, 65535]])  # 0, 1, 128, 255 in 8 bits
-    # every 16-bit layout PIL can hand over (big-endian TIFFs open as I;16B)
-    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
-        im = Image.frombytes(mode, (4, 1), a16.astype(dtype).tobytes())
-        assert np.asarray(_to_rgb(im, []))[0, :, 0].tolist() == [0, 1, 128, 255], mode
-    a32 = Image.fromarray(np.array([[0, 257, 32896, 65535, -1000, 100_000]], np.int32), "I")
-    assert np.asarray(_to_rgb(a32, []))[0, :, 0].tolist() == [0, 1, 128, 255, 0, 255]  # clipped, no wrap
-    f = Image.fromarray(np.array([[-1.0, 0.0, 1.0, 2.0, 3.0]], np.float32), "F")  # no fixed range: stretched
-    notes = []
-    assert np.asarray(_to_rgb(f, notes))[0, :, 0].tolist() == [0, 64, 128, 191, 255]
-    narrow = Image.fromarray(np.array([[0.0, 0.25, 0.5]], np.float32), "F")  # a range under 1 is stretched too
-    assert np.asarray(_to_rgb(narrow, []))[0, :, 0].tolist() == [0, 128, 255]
-    assert notes == ["16-bit->8-bit", "L->RGB"]
-    flat = Image.fromarray(np.full((1, 3), 7.5, np.float32), "F")  # constant: no division by zero
-    assert np.asarray(_to_rgb(flat, []))[0, :, 0].tolist() == [0, 0, 0]
-
-
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
-def test_transparent_pixels_become_white_opaque_ones_keep_their_colour(mode):
-    a = np.zeros((2, 2, 4), np.uint8)
-    a[0, 0] = (200, 40, 40, 255)  # opaque red
-    a[0, 1] = (200, 40, 40, 0)  # fully transparent
-    a[1, 0] = (0, 0, 0, 128)  # half-transparent black over white -> mid grey
-    im = Image.fromarray(a, "RGBA")
-    if mode == "LA":
-        im = im.convert("LA")
-    elif mode == "PA":
-        im = im.convert("RGB").quantize(8).convert("PA")
-        im.putalpha(Image.fromarray(a[..., 3]))
-    notes = []
-    out = np.asarray(_to_rgb(im, notes)).astype(int)
-    assert "alpha on white" in notes and out.shape == (2, 2, 3)
-    assert out[0, 1].tolist() == [255, 255, 255]
-    assert abs(out[1, 0] - 127).max() <= 2
-    if mode == "RGBA":
-        assert out[0, 0].tolist() == [200, 40, 40]
-    assert out[0, 0].min() < 200  # not washed out to white
-
-
-def test_palette_transparent_index_becomes_white():
-    """A palette PNG's transparent index shows the page behind it (white), not the colour it stores."""
-    a = np.zeros((2, 2), np.uint8)
-    a[0, 1] = 1
-    im = Image.fromarray(a, "P")
-    im.putpalette([10, 10, 10, 200, 40, 40] + [0] * 762)
-    im.info["transparency"] = 0  # index 0 (stored as near-black) is transparent
-    notes = []
-    out = np.asarray(_to_rgb(im, notes)).astype(int)
-    assert notes == ["palette->RGB", "alpha on white"]
-    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [200, 40, 40]
-
-
 def test_palette_without_transparency_keeps_its_colours():
     im = block_image(FORMAT_COLOURS, "RGB", per_row=2).quantize(8)
     notes = []
-    out = _to_rgb(im, notes)
+    out = to_rgb(im, notes)
     assert out.mode == "RGB" and notes == ["palette->RGB"]
     assert close_colours(block_centres(out, 4, per_row=2), FORMAT_COLOURS, tol=4)
 

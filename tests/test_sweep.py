@@ -161,6 +161,28 @@ def test_table_has_one_column_per_configuration():
     assert "valid accuracy" not in rows  # only with train_pct
 
 
+
+def test_loss_plot_is_a_png_written_without_pyplot(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    import fastlesson._io as io
+
+    monkeypatch.setattr(plt, "figure", lambda *a, **k: pytest.fail("plot_losses used pyplot"))
+    saved = []
+    monkeypatch.setattr(sweep, "save_png", lambda fig, path: saved.append(path) or io.save_png(fig, path))
+    rec = {**expand_grid(None)[0], "train_loss": [1.0, 0.6, 0.4], "valid_loss": [1.1, 0.9, 1.0]}
+    path = sweep.plot_losses(rec, tmp_path / "plots" / "k.png")
+    assert saved == [path] and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(path.parent.iterdir()) == [path]  # written atomically: no temporary file left beside it
+
+
+def test_hardware_is_the_shared_record_string():
+    from fastlesson import env
+
+    assert sweep.hardware is env.hardware
+    assert "threads" in env.hardware() or "CUDA" in env.hardware()
+
+
 def test_subset_folder_keeps_first_n_per_class(tmp_path, smoke_data):
     out = subset_folder(smoke_data, tmp_path / "sub", limit=4)
     for split in ("train", "test"):

@@ -2,7 +2,7 @@
 # Mutation testing with mutmut 3 (not part of CI): does the suite fail when the code is broken?
 #
 #   tools/mutation.sh                       # every module below, ~90 min on 2 cores (caps per module)
-#   tools/mutation.sh scrape_image          # one module
+#   tools/mutation.sh scrape.image          # one module (dotted: fastlesson/scrape/image.py)
 #   MUTATION_CAP_S=300 tools/mutation.sh precompute   # override the time cap (s) of each module run
 #
 # Each module runs in its own scratch copy of the repo ($MUTATION_WORK/<module>, default
@@ -31,22 +31,22 @@ declare -A TESTS=(
   [callbacks]="tests/test_callbacks.py"
   [export]="tests/test_export.py"
   [data]="tests/test_data.py"
-  [scrape_image]="tests/test_scrape.py"
-  [scrape_fetch]="tests/test_scrape.py"
+  [scrape.image]="tests/test_scrape.py"
+  [scrape.fetch]="tests/test_scrape.py"
 )
-# module -> a pytest -k expression that narrows those files (empty: all of them). scrape_image is
+# module -> a pytest -k expression that narrows those files (empty: all of them). scrape.image is
 # covered by the normalise_image unit tests (pixels of known images); the end-to-end scrape tests would
-# add minutes per mutant (tools/mutation.sh scrape_fetch runs them all)
+# add minutes per mutant (tools/mutation.sh scrape.fetch runs them all)
 declare -A KEXPR=(
-  [scrape_image]="cmyk or exif_orientation or format_comes or signature or garbage or unidentifiable or jpeg_quality or animated_gif or inclusive or scaled or transparent or palette or phash_distance or bomb or truncated or too_small_and_resize or near_duplicate_threshold"
-  [scrape_fetch]="not recipe_smoke"
+  [scrape.image]="cmyk or exif_orientation or format_comes or signature or garbage or unidentifiable or jpeg_quality or animated_gif or inclusive or phash_distance or bomb or truncated or too_small_and_resize or near_duplicate_threshold"
+  [scrape.fetch]="not recipe_smoke"
 )
 # module -> time cap in seconds; the caps add up to 90 minutes
 declare -A CAP_S=(
   [finder]=720 [schedule]=600 [precompute]=840 [callbacks]=840
-  [export]=720 [data]=720 [scrape_image]=480 [scrape_fetch]=480
+  [export]=720 [data]=720 [scrape.image]=480 [scrape.fetch]=480
 )
-ORDER=(finder schedule precompute callbacks export data scrape_image scrape_fetch)
+ORDER=(finder schedule precompute callbacks export data scrape.image scrape.fetch)
 
 mods=("$@")
 [ ${#mods[@]} -eq 0 ] && mods=("${ORDER[@]}")
@@ -67,7 +67,7 @@ for m in "${mods[@]}"; do
   tar -C "$REPO" --exclude=__pycache__ --exclude=.pytest_cache -cf - fastlesson tests scripts pyproject.toml \
     | tar -C "$dir" -xf -
   # one module, its tests: rewrite the two one-line keys of [tool.mutmut]
-  python3 - "$dir/pyproject.toml" "fastlesson/$m.py" "${KEXPR[$m]:-}" ${TESTS[$m]} <<'EOF'
+  python3 - "$dir/pyproject.toml" "fastlesson/${m//.//}.py" "${KEXPR[$m]:-}" ${TESTS[$m]} <<'EOF'
 import json, re, sys
 path, module, kexpr, tests = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 selection = tests + (["-k", kexpr] if kexpr else [])
@@ -78,7 +78,7 @@ for key, value in (("only_mutate", [module]), ("pytest_add_cli_args_test_selecti
 open(path, "w").write(text)
 EOF
   cap=${MUTATION_CAP_S:-${CAP_S[$m]}}
-  echo "== $m: mutating fastlesson/$m.py with ${TESTS[$m]} (cap ${cap} s, $JOBS jobs)"
+  echo "== $m: mutating fastlesson/${m//.//}.py with ${TESTS[$m]} (cap ${cap} s, $JOBS jobs)"
   start=$(date +%s)
   (cd "$dir" && MPLBACKEND=Agg timeout --signal=INT --kill-after=30 "$cap" \
       nice -n "$NICE" mutmut run --max-children "$JOBS" > run.log 2>&1) || echo "   (stopped: exit $?, see $dir/run.log)"

@@ -1,7 +1,7 @@
-"""Build a clean image data set (train/ and valid/ class folders) from a web image search or a URL list.
+"""The scraper's orchestration: config, manifest entries, and the pipeline steps from search to placed files.
 
-Every URL ends up in `manifest.json` with a status; see `STATUSES`. Pipeline: search (or --from-urls) ->
-download (concurrent, bounded) -> verify and normalise -> deduplicate -> seeded split -> place files.
+search (or --from-urls) -> download (concurrent, bounded) -> verify and normalise -> deduplicate ->
+seeded split -> place files; every URL ends up in `manifest.json` with one of `STATUSES`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastlesson._io import atomic_write_bytes
-
-from .scrape_fetch import RETRY_HTTP, fetch_url
-from .scrape_image import JPEG_QUALITY, normalise_image, phash_distance
-from .scrape_search import DDGSBackend, SearchBackend, SearchHit, search_with_retry
+from fastlesson._io import atomic_write_bytes, write_json
+from fastlesson.scrape.fetch import RETRY_HTTP, fetch_url
+from fastlesson.scrape.image import JPEG_QUALITY, normalise_image, phash_distance
+from fastlesson.scrape.search import DDGSBackend, SearchBackend, SearchHit, search_with_retry
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -473,8 +472,8 @@ def _write_outputs(cfg: ScrapeConfig, result: ScrapeResult) -> None:
         "summary": {c: dict(n) for c, n in result.counts().items()},
         "entries": [e.to_dict() for e in result.entries],
     }
-    atomic_write_bytes(result.dest / MANIFEST, json.dumps(manifest, indent=1).encode())
-    atomic_write_bytes(result.dest / "scrape_config.json", json.dumps(config, indent=1).encode())
+    write_json(result.dest / MANIFEST, manifest, indent=1)
+    write_json(result.dest / "scrape_config.json", config, indent=1)
 
 
 def run_scrape(cfg: ScrapeConfig, backend: SearchBackend | None = None) -> int:

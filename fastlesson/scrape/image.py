@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import imagehash
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fastlesson.images import to_8bit, to_rgb
+
 JPEG_QUALITY = 90
-PHASH_BITS = 64  # imagehash.phash with hash_size=8
 
 
 @dataclass
@@ -35,31 +35,6 @@ def phash_distance(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
-def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
-    """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled (not clipped), CMYK/palette converted."""
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        notes.append("palette->RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode == "F":  # float data has no fixed range: stretch it
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / max(hi - lo, 1e-12) * 255
-        else:  # 16-bit samples (PIL also opens 16-bit PNGs as 'I'): 65535 -> 255
-            arr = arr / 257.0
-        im = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
-        notes.append("16-bit->8-bit")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba).convert("RGB")
-        notes.append("alpha on white")
-    if im.mode != "RGB":
-        notes.append(f"{im.mode}->RGB")
-        im = im.convert("RGB")
-    return im
-
-
 def normalise_image(path: Path, *, max_size: int = 512, min_size: int = 64,
                     max_pixels: int = 40_000_000, quality: int = JPEG_QUALITY) -> NormalisedImage:
     """Fully decode `path`, refuse bombs before decoding, and return an RGB JPEG with longer side <= max_size."""
@@ -79,7 +54,8 @@ def normalise_image(path: Path, *, max_size: int = 512, min_size: int = 64,
             im.load()
             if im.getexif().get(0x0112, 1) != 1:  # 0x0112 = EXIF Orientation tag
                 notes.append("EXIF rotation applied")
-            im = _to_rgb(ImageOps.exif_transpose(im), notes)
+            # fastlesson.images' conversion, 16-bit scaled first: downloads become 8-bit JPEGs once
+            im = to_rgb(to_8bit(ImageOps.exif_transpose(im), notes), notes)
     except Image.DecompressionBombError as e:
         return NormalisedImage("bomb", str(e))
     except UnidentifiedImageError as e:
