@@ -27,10 +27,12 @@ from _common import ARCH, DEFAULT_DATA, env_summary, resolve_data, subsample  # 
 
 def run_one(data: Path, out: Path, budget: float | None, args) -> dict:
     """One recipe run; its numbers for the table."""
+    from fastlesson.precompute import clear_memory_cache
     from fastlesson.recipe import RecipeConfig, run_recipe
 
     cfg = RecipeConfig(data=str(data), arch=ARCH, size=args.size, seed=args.seed, out=str(out), budget=budget,
                        lr_find_iters=args.lr_find_iters, tta=not args.no_tta)
+    clear_memory_cache()  # every run pays its own body pass, as a fresh command would
     res = run_recipe(cfg)
     b = res.metrics.get("budget") or {}
     full = next(s for s in res.steps if s["name"] == "full_sgdr")

@@ -39,22 +39,7 @@ from fastlesson.callbacks import BestCheckpoint, EarlyStopping, HardExampleMinin
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter
 
 # data sets from a web image search
-from fastlesson.scrape import (
-    STATUSES,
-    DDGSBackend,
-    QueryOutcome,
-    ScrapeConfig,
-    ScrapeResult,
-    SearchBackend,
-    SearchHit,
-    StaticBackend,
-    UrlEntry,
-    normalise_image,
-    read_url_list,
-    run_scrape,
-    scrape_dataset,
-    search_with_retry,
-)
+from fastlesson.scrape import ScrapeConfig, scrape_dataset
 
 __all__ = [
     # training core
@@ -69,8 +54,6 @@ __all__ = [
     # callbacks, small CNN
     "BestCheckpoint", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR",
     "small_cnn", "small_cnn_splitter",
-    # scraping
-    "STATUSES", "ScrapeConfig", "ScrapeResult", "UrlEntry", "read_url_list", "run_scrape", "scrape_dataset",
-    "normalise_image",
-    "DDGSBackend", "QueryOutcome", "SearchBackend", "SearchHit", "StaticBackend", "search_with_retry",
+    # scraping (the rest of the scraper: fastlesson.scrape)
+    "ScrapeConfig", "scrape_dataset",
 ]

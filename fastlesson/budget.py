@@ -135,19 +135,23 @@ def replan_full(budget_s: float, t: Timings, done: list[int], valid_every_epoch:
 def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_train: int, n_valid: int,
                      precompute: bool, lr_find_iters: int, tta_passes: int) -> Timings:
     """Timings from what the recipe measured so far (`m`, seconds; missing keys are estimated):
-    spent, body_pass (step 2's cached body pass over train + valid), head_batch (a step-2 range-test
+    spent, body_pass (step 2's cached body pass over train + valid; body_forward: the body's forward
+    calls in it, preferred), head_batch (a step-2 range-test
     batch), head_epoch_train / valid (step 4 measured), full_batch (a step-7 range-test batch),
     lr_find_full_done (True once step 7 ran), full_epoch_train (step 8's training passes, measured)."""
     frac_valid = n_valid / max(1, n_train + n_valid)
+    # the body's forward time in step 2's pass, when measured: the pass's wall time also holds the first
+    # decode of every image (full-size photos, before the decode cache), which later epochs do not pay
+    body = m.get("body_forward", m.get("body_pass", 0.0))
     if "valid" in m:
         valid = m["valid"]
-    elif precompute and "body_pass" in m:
-        valid = m["body_pass"] * frac_valid
+    elif precompute and ("body_forward" in m or "body_pass" in m):
+        valid = body * frac_valid
     else:
         valid = m["head_batch"] * n_valid_batches / FULL_OVER_FROZEN
     if precompute:
         pre = m["head_batch"] * (n_train_batches + n_valid_batches)  # on the cache: the head alone
-        head_train = m.get("head_epoch_train", m.get("body_pass", 0.0) * (1 - frac_valid) * AUG_OVERHEAD)
+        head_train = m.get("head_epoch_train", body * (1 - frac_valid) * AUG_OVERHEAD)
     else:
         head_train = m.get("head_epoch_train", m["head_batch"] * n_train_batches)
         pre = head_train + valid

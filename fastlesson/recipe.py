@@ -444,8 +444,11 @@ def step_lr_find_head(state: RecipeState) -> dict:
         steps.start(2, "LR range test on the head (body activations computed once and cached)",
                     "lr_find_head", record=False)
         # cache in memory only: on disk the activations can be hundreds of MB (flowers at 160 px: ~370 MB)
-        state.head_learn = precompute_learner(learn, cache_dir=None, bs=cfg.bs)
+        with _forward_clock(learn.model[0]) as body_s:
+            state.head_learn = precompute_learner(learn, cache_dir=None, bs=cfg.bs)
         state.times["body_pass"] = state.head_learn.cache.seconds
+        if body_s[0] > 0:  # the model's share of that pass: its first decode of the images is not an epoch's
+            state.times["body_forward"] = body_s[0]
         print(f"  body run once over {len(learn.dls.train_ds) + len(learn.dls.valid_ds)} images in "
               f"{state.head_learn.cache.seconds:.1f} s")
     else:
@@ -459,6 +462,20 @@ def step_lr_find_head(state: RecipeState) -> dict:
     if cfg.budget is not None:
         _plan_head(state)
     return st
+
+
+@contextmanager
+def _forward_clock(module):
+    """Inside the block: ``[seconds]`` spent in `module`'s forward calls (hooks; nothing else timed)."""
+    total, started = [0.0], []
+    pre = module.register_forward_pre_hook(lambda m, i: started.append(time.perf_counter()))
+    post = module.register_forward_hook(
+        lambda m, i, o: total.__setitem__(0, total[0] + time.perf_counter() - started.pop()))
+    try:
+        yield total
+    finally:
+        pre.remove()
+        post.remove()
 
 
 def step_precompute(state: RecipeState) -> dict:

@@ -110,6 +110,17 @@ def test_estimates_prefer_measured_times():
     assert (after.head_epoch, after.valid, after.full_epoch, after.lr_find_full) == (42.0, 9.0, 90.0, 0.0)
 
 
+def test_estimates_use_the_body_forward_time_not_the_first_decode():
+    """Step 2's pass over full-size photos is mostly decoding (once; cached after): the epoch estimates
+    follow the body's forward time when it was measured."""
+    m = {"spent": 30.0, "body_pass": 90.0, "body_forward": 20.0, "head_batch": 0.01}
+    t = estimate_timings(m, n_train_batches=30, n_valid_batches=10, n_train=960, n_valid=320,
+                         precompute=True, lr_find_iters=100, tta_passes=0)
+    assert t.valid == pytest.approx(5.0) and t.head_epoch == pytest.approx(15.0 * 1.15 + 5.0)
+    old = estimate_timings({k: v for k, v in m.items() if k != "body_forward"}, 30, 10, 960, 320, True, 100, 0)
+    assert old.valid == pytest.approx(22.5)  # without it, the whole pass
+
+
 def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
     """A tiny run with a budget: the plan is printed at step 8 and recorded planned vs actual; the plan
     itself comes from measured times (replaced here by fixed ones, so no clock decides the test)."""
