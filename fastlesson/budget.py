@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-SAFETY = 0.95  # plan to this fraction of the budget: estimates are a few percent off either way
+SAFETY = 0.99  # plan to this fraction of the budget: step 8 is re-planned on measured epochs after each cycle,
+#                so only the last cycle and the export are estimates (the export is estimated ~10 s high)
 FULL_OVER_FROZEN = 3.0  # an unfrozen training batch ~ 3x a frozen-body one (forward, backward, step)
 AUG_OVERHEAD = 1.15  # an augmented training pass over the frozen body vs the clean step-2 body pass
 FINISH_VALID_PASSES = 2  # the final get_preds, and the confusion matrix's (fastai's interpretation runs its own)

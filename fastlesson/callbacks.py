@@ -176,7 +176,7 @@ class PlateauLR(TrackerCallback):
             print(f"Epoch {self.epoch}: {self.monitor} plateaued, LR scale now {self.scale:.3g}")
 
 
-def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """An in-memory copy of the model's state_dict on the CPU (so GPU memory is not doubled)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -201,7 +201,7 @@ class BestWeights(Callback):
 
     def __init__(self, model=None, best: float = math.inf):
         self.best = float(best)
-        self.state = _state_copy(model) if model is not None else None
+        self.state = state_copy(model) if model is not None else None
         self.losses: list[float] = []
         self.offset, self.best_epoch = 0, 0
 
@@ -209,12 +209,12 @@ class BestWeights(Callback):
         """Keep a copy of `model` if `loss` is a new best; True when it was."""
         if not (math.isfinite(loss) and loss < self.best):
             return False
-        self.best, self.state, self.best_epoch = float(loss), _state_copy(model), epoch
+        self.best, self.state, self.best_epoch = float(loss), state_copy(model), epoch
         return True
 
     def keep(self, model, epoch) -> None:
         """Keep a copy of `model` unconditionally (the caller has decided it is the best)."""
-        self.state, self.best_epoch = _state_copy(model), epoch
+        self.state, self.best_epoch = state_copy(model), epoch
 
     def restore(self, model) -> bool:
         """Load the kept weights into `model` (in place); False when nothing was kept."""
@@ -318,7 +318,7 @@ class BestCheckpoint(TrackerCallback):
         super().after_epoch()
         if not self.new_best:
             return
-        state = _state_copy(self.learn.model)
+        state = state_copy(self.learn.model)
         if not _all_finite(state):
             self.best, self.new_best = prev_best, False  # never let NaN weights become "the best"
             warnings.warn(f"epoch {self.epoch}: weights contain non-finite values, checkpoint not saved",

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from fastlesson._io import save_png
 from fastlesson._rng import RNGState
+from fastlesson.callbacks import state_copy
 from fastlesson.distributed import world_size
 
 __all__ = ["LRFinderResult", "find_lr", "suggest_lrs", "suggest_window", "diverged", "MIN_POINTS",
@@ -238,7 +239,7 @@ class _LearnerSnapshot:
     def __init__(self, learn):
         self.learn = learn
         # CPU copies: bitwise exact, and no second copy of a big model in GPU memory
-        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in learn.model.state_dict().items()}
+        self.weights = state_copy(learn.model)
         self.had_opt = learn.opt is not None
         self.opt_state = copy.deepcopy(learn.opt.state_dict()) if self.had_opt else None
         self.modes = [(m, m.training) for m in learn.model.modules()]

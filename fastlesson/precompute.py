@@ -268,8 +268,11 @@ def precompute_learner(learn: Learner, cache_dir=None, bs: int | None = None) ->
 
     train_ds = TensorDataset(feats.train_x, feats.train_y)
     valid_ds = TensorDataset(feats.valid_x, feats.valid_y)
-    # drop the last partial batch like fastai's train loader, unless that would leave no batch at all
-    dls = DataLoaders.from_dsets(train_ds, valid_ds, bs=bs, device=device,
+    # drop the last partial batch like fastai's train loader, unless that would leave no batch at all.
+    # num_workers=0: the tensors are in memory, and fastai's default (one worker process per CPU) forks
+    # this process; under torchrun a forked worker can deadlock on a lock a gloo thread held at the fork
+    # (seen: rank 1 waiting forever on its worker in step 2's range test)
+    dls = DataLoaders.from_dsets(train_ds, valid_ds, bs=bs, device=device, num_workers=0,
                                  drop_last=(len(train_ds) > bs, False))
     return HeadLearner(dls, head, feats, info, loss_func=learn.loss_func, opt_func=learn.opt_func,
                        metrics=learn.metrics, lr=learn.lr, wd=learn.wd, wd_bn_bias=learn.wd_bn_bias,

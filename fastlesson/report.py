@@ -180,7 +180,8 @@ def plot_top_losses(images: Sequence[np.ndarray], actual: Sequence[str], predict
 
 
 def write_history_csv(history: Sequence[dict], path) -> Path:
-    """history.csv: one row per epoch of every step."""
+    """history.csv: one row per epoch of every step. Not fastai's CSVLogger (``--log csv`` attaches that
+    one): it has one file per fit and no step name, step epoch or LR column, which this file is for."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
     w.writeheader()

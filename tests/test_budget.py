@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_step8_replan_never_raises_and_keeps_one_cycle():
 def test_replan_after_a_cycle_uses_the_measured_epoch_time():
     """After cycle 2, 230 s left: a 27 s epoch buys cycles of 4 and 4 more epochs; a 60 s one shrinks
     cycle 3 to 3 epochs; a 400 s one ends step 8 there. Never past the budget."""
-    budget = 600.0
+    budget = 570.0 / SAFETY  # 570 s to plan to
     for full_epoch, expect in ((27.0, [1, 2, 4, 4]), (60.0, [1, 2, 3]), (400.0, [1, 2])):
         t = Timings(spent=300.0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=full_epoch,
                     valid=3.0, finish=40.0)
@@ -138,12 +139,12 @@ def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         res = recipe.run_recipe(recipe.RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"),
-                                                    budget=0.1))
+                                                    budget=5.7 / SAFETY / 60))  # 5.7 s to plan to
     printed = buf.getvalue()
     head, full = printed.index("Step 8/8"), printed.index("budget plan:")
     assert head < full < printed.index("cycle 1:")
     b = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]
-    assert b["budget_min"] == 0.1 and b["first_plan"]["full_cycles"] == [1, 2]
+    assert b["budget_min"] == pytest.approx(5.7 / SAFETY / 60) and b["first_plan"]["full_cycles"] == [1, 2]
     assert b["step8_plan"]["full_cycles"] == [1, 2, 2]  # re-planned at step 8, steps 3-4 done
     assert [r["after_cycle"] for r in b["replans"]] == [1] and b["replans"][0]["full_cycles"] == [1]
     assert b["planned"]["full_cycles"] == [1] and b["actual"]["full_cycles"] == 1  # the re-plan was followed
@@ -165,7 +166,8 @@ def test_recipe_with_a_too_short_budget_stops_before_training(tmp_path, monkeypa
     trained = []
     monkeypatch.setattr(recipe, "precompute_head", lambda *a, **k: trained.append(1))
     data = write_image_folder(tmp_path / "data")
-    with pytest.raises(ValueError, match=r"budget=1\.0 min is too short.*--budget 4\.8"), \
+    need = math.ceil((50 + 1 + 100 + 10 + 100 + 1 + 10) / SAFETY / 6) / 10  # the minimal recipe, in minutes
+    with pytest.raises(ValueError, match=rf"budget=1\.0 min is too short.*--budget {need:.1f}"), \
             contextlib.redirect_stdout(io.StringIO()):
         recipe.run_recipe(recipe.RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"), budget=1))
     assert not trained

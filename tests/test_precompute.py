@@ -327,3 +327,12 @@ def test_cache_not_reused_when_an_image_late_in_the_set_is_relabelled(image_fold
     assert not res.cache_hit and res.cache_key != base.cache_key
     assert res.features.train_y[-1] == 0 and base.features.train_y[-1] == 2  # "a", where it was "c"
     assert torch.equal(res.features.train_x, base.features.train_x)  # same pixels, same body outputs
+
+
+def test_head_learner_loads_in_process(tiny_learner):
+    """The cached activations are in memory: no DataLoader worker processes (a fork under torchrun can
+    deadlock, and spawning workers per epoch costs more than the head's epoch)."""
+    from fastlesson.precompute import precompute_learner
+
+    head = precompute_learner(tiny_learner(), cache_dir=None)
+    assert [dl.fake_l.num_workers for dl in head.dls.loaders] == [0, 0]  # fastai: 1 per CPU by default
