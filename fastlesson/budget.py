@@ -146,7 +146,7 @@ def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_trai
     body = m.get("body_forward", m.get("body_pass", 0.0))
     if "valid" in m:
         valid = m["valid"]
-    elif precompute and ("body_forward" in m or "body_pass" in m):
+    elif precompute and "body_pass" in m:  # body_forward is measured within that pass
         valid = body * frac_valid
     else:
         valid = m["head_batch"] * n_valid_batches / FULL_OVER_FROZEN
