@@ -3,7 +3,8 @@
     python bench/seed_cifar10.py --plan          # measure a few batches, print the projected time, no training
     python bench/seed_cifar10.py                 # 1 seed; --train-limit auto: as many images as fit 55 min
     python bench/seed_cifar10.py --train-limit 1000          # a fixed 1000 images per class (reproducible)
-    python bench/seed_cifar10.py --seeds 2 --train-limit 0    # 2 seeds on all 50,000 images (hours on CPU)
+    python bench/seed_cifar10.py --train-limit 0 --threads 1  # all 50,000 images, 1 seed: 104 min measured (2 cores, shared)
+    python bench/seed_cifar10.py --seeds 2 --train-limit 0    # 2 seeds on all 50,000 images (~2-3.5 h on 2 CPU cores)
     python bench/seed_cifar10.py --opt sgd       # the other optimizer the seed could have used
     python bench/seed_cifar10.py --ours          # + #3 with small_cnn's default (2 convs per block + BN)
 
@@ -61,7 +62,8 @@ TRAIN_PCT = 0.8  # the seed's: 80% of the training set trains, the rest validate
 # Images per class kept from train/ before the 80/20 split (0 = all 5000; "auto" = the most that fit
 # BUDGET_MIN by a projection from a few measured batches). Sizing on this 2-core CPU under the other
 # engineers' load (--plan, 1 thread): 12-32 ms per training image, so all 40,000 training images cost
-# ~340 min for the four configurations (28 epochs in all); a quiet machine is 2-3x faster. Hence auto.
+# ~340 min for the four configurations (28 epochs in all); on a quieter machine --plan measured
+# 2.1-3.8 ms (1 thread) and the full 1-seed run took 104 min with mutation testing on the other core.
 TRAIN_LIMIT = "auto"
 BUDGET_MIN = 55.0  # minutes of training the auto limit aims at (the bench's target: under ~60)
 SEEDS = 1  # repeats per configuration; `--seeds 2` doubles the time

@@ -241,9 +241,9 @@ class HeadLearner(Learner):
 
 
 def _check_bs(learn: Learner, bs: int | None) -> int:
-    bs = bs or learn.dls.train.bs
+    bs = learn.dls.train.bs if bs is None else bs
     if bs < 1:
-        raise ValueError(f"bs={bs!r}: the batch size must be >= 1.")
+        raise ValueError(f"bs={bs!r}: the batch size must be >= 1 (or None for the learner's own).")
     return bs
 
 

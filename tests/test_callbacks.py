@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from torch.utils.data import TensorDataset
 
 from fastlesson.callbacks import (
     BestCheckpoint,
+    BestWeights,
     EarlyStopping,
     HardExampleMining,
     NonFiniteGuard,
@@ -168,7 +170,8 @@ LOSSES = {
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-@pytest.mark.parametrize("frac,weight,hard", [(0.5, 3.0, {2, 3}), (0.25, 2.0, {3}), (0.3, 4.0, {2, 3})])
+@pytest.mark.parametrize("frac,weight,hard", [(0.5, 3.0, {2, 3}), (0.25, 2.0, {3}), (0.3, 4.0, {2, 3}),
+                                              (1.0, 3.0, {0, 1, 2, 3}), (0.25, 0.5, {3})])  # bounds, down-weight
 def test_hard_mining_weighting_exact(loss_name, frac, weight, hard):
     make_loss, hand = LOSSES[loss_name]
     probe, hem = ProbeLoss(), HardExampleMining(frac=frac, weight=weight)
@@ -188,6 +191,12 @@ def test_hard_mining_weighting_exact(loss_name, frac, weight, hard):
         LabelSmoothingCrossEntropyFlat(reduction="none")(LOGITS * p, TARGETS)
     ((torch.tensor(w) * losses).sum() / sum(w)).backward()
     assert train["grad"] == pytest.approx(float(p.grad), abs=1e-6)
+
+
+def test_hard_mining_defaults_double_the_hardest_quarter():
+    hem = HardExampleMining()
+    hand_learner(CrossEntropyLossFlat(), cbs=[hem]).fit(1)
+    assert hem.last_weights.tolist() == [1.0, 1.0, 1.0, 2.0]  # ceil(0.25 * 4) = 1 (the hardest) at weight 2
 
 
 def test_hard_mining_warmup_and_validation_unaffected():
@@ -319,10 +328,23 @@ def test_hard_mining_weighted_mean_of_fp16_losses_does_not_overflow():
     assert float(hem.learn.loss_grad) == pytest.approx(expected, rel=1e-3)
 
 
-def test_hard_mining_rejects_loss_without_per_example_losses():
-    learn = hand_learner(lambda pred, y: F.cross_entropy(pred, y), cbs=[HardExampleMining()])
+# torch's C builtin has no readable signature (inspect raises ValueError) and no `reduction` attribute
+@pytest.mark.parametrize("loss_func", [lambda pred, y: F.cross_entropy(pred, y), torch._C._nn.cross_entropy_loss])
+def test_hard_mining_rejects_loss_without_per_example_losses(loss_func):
+    learn = hand_learner(loss_func, cbs=[HardExampleMining()])
     with pytest.raises(ValueError, match="per-example"):
         learn.fit(1)
+
+
+@pytest.mark.parametrize("reshape, shape", [(lambda ls: ls.mean(), ()), (lambda ls: ls[:, None], (4, 1))])
+def test_hard_mining_rejects_a_loss_that_is_not_one_per_example(reshape, shape):
+    def odd_loss(pred, targ, reduction="mean"):
+        return reshape(F.cross_entropy(pred, targ, reduction="none"))
+
+    hem = HardExampleMining(frac=0.5, weight=3.0)
+    hem.learn = SimpleNamespace(loss_func=odd_loss, pred=LOGITS, yb=(TARGETS,), epoch=0, loss_grad=None)
+    with pytest.raises(ValueError, match=r"\(4\).*" + re.escape(str(shape))):  # 4 examples, the shape it gave
+        hem.after_loss()
 
 
 @pytest.mark.parametrize("kw", [dict(frac=0), dict(frac=1.5), dict(weight=0), dict(warmup_epochs=-1)])
@@ -420,6 +442,57 @@ def test_plateau_bad_monitor_names_choices(tiny):
         PlateauLR(factor=5)
 
 
+# ---------- BestWeights ----------
+
+class FeedEarly(FeedMonitor):
+    """FeedMonitor ordered before BestWeights (52), after Recorder (50)."""
+    order = 51
+
+
+def test_best_weights_offer_keeps_only_a_finite_strict_improvement():
+    model = nn.Linear(2, 1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    bw = BestWeights(model, 1.0)  # the starting weights are the candidate to beat, at loss 1.0
+    assert (bw.best, bw.best_epoch, bw.losses) == (1.0, 0, [])
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for loss in (1.0, 2.0, math.nan, math.inf, -math.inf):  # equal, worse, non-finite: refused
+        assert bw.offer(loss, model, 1) is False
+    assert (bw.best, bw.best_epoch) == (1.0, 0)
+    assert bw.restore(model) is True and same_state(model.state_dict(), start)  # a copy, made at init
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    later = {k: v.clone() for k, v in model.state_dict().items()}
+    assert bw.offer(0.5, model, 3) is True and (bw.best, bw.best_epoch) == (0.5, 3)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert bw.restore(model) is True and same_state(model.state_dict(), later)
+    empty = BestWeights()
+    assert empty.best == math.inf and empty.restore(model) is False
+    assert empty.offer(7.0, model, 1) is True  # anything finite beats inf
+
+
+def test_best_weights_callback_numbers_epochs_across_fits(tiny):
+    learn, snaps = tiny(), SnapEpochs()
+    best = BestWeights(learn.model, 2.5)
+    learn.fit(3, 1e-2, cbs=[FeedEarly([3.0, 2.0, math.inf]), best])
+    assert best.losses[:2] == [3.0, 2.0] and math.isnan(best.losses[2])  # a non-finite loss is listed as NaN
+    assert (best.best, best.best_epoch) == (2.0, 2)  # 1-based: the second epoch
+    best.offset = 3  # epochs before the next fit
+    learn.fit(3, 1e-2, cbs=[FeedEarly([1.5, 1.0, 1.2]), snaps, best])
+    assert (best.best, best.best_epoch, len(best.losses)) == (1.0, 5, 6)
+    assert best.restore(learn.model) and same_state(current_state(learn), snaps.snaps[1])
+
+
+def test_best_weights_skips_epochs_that_were_not_validated(tiny):
+    from fastlesson.schedule import ValidateAtFitEnd
+
+    learn, best = tiny(), BestWeights()
+    learn.fit(2, 1e-2, cbs=[ValidateAtFitEnd(), best])
+    assert len(best.losses) == 1 and best.best_epoch == 2  # epoch 1 has no valid_loss: not a candidate
+    assert best.best == pytest.approx(learn.recorder.values[-1][1])
+
+
 # ---------- EarlyStopping ----------
 
 SEQ = [3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]  # best at epoch 1, then no improvement
@@ -438,6 +511,41 @@ def test_early_stopping_restores_best_fastai_does_not(tiny):
     assert len(learn.recorder.values) == 5
     assert same_state(current_state(learn), snaps.snaps[4])  # fastai: the last epoch's weights
     assert not same_state(current_state(learn), snaps.snaps[1])
+
+
+def test_early_stopping_defaults_patience_3_and_any_improvement_counts(tiny):
+    learn, es = tiny(), EarlyStopping()
+    learn.fit(8, 1e-2, cbs=[FeedMonitor([3.0, 2.9, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]), es])
+    assert (es.best_epoch, es.stopped_epoch, len(learn.recorder.values)) == (2, 5, 6)
+
+
+@pytest.mark.parametrize("kw, feed, best_epoch, stopped_epoch", [
+    (dict(monitor="accuracy", comp=np.less), [0.5, 0.4, 0.6, 0.7], 1, 3),  # an error-like metric: lower is better
+    (dict(min_delta=0.5), [3.0, 2.8, 2.9, 1.0], 0, 2),  # 2.8 is not 0.5 better than 3.0
+    (dict(patience=1), [1.0, 2.0, 0.5, 0.4], 0, 1),  # the smallest patience: the first epoch without a gain
+])
+def test_early_stopping_monitor_comp_min_delta_and_patience(tiny, kw, feed, best_epoch, stopped_epoch):
+    learn, es = tiny(), EarlyStopping(**{"patience": 2, **kw})
+    learn.fit(len(feed), 1e-2, cbs=[FeedMonitor(feed, monitor=kw.get("monitor", "valid_loss")), es])
+    assert (es.best_epoch, es.stopped_epoch) == (best_epoch, stopped_epoch)
+
+
+def test_early_stopping_second_fit_starts_afresh_unless_reset_on_fit_is_false(tiny):
+    learn, es = tiny(), EarlyStopping(patience=2)
+    learn.fit(2, 1e-2, cbs=[FeedMonitor([1.0, 0.5]), es])
+    learn.fit(3, 1e-2, cbs=[FeedMonitor([2.0, 3.0, 4.0]), es])
+    assert (es.best_epoch, es.stopped_epoch) == (0, 2)  # 2.0 is the new fit's first best
+    learn, es, snaps = tiny(), EarlyStopping(patience=2, reset_on_fit=False), SnapEpochs()
+    learn.fit(2, 1e-2, cbs=[FeedMonitor([1.0, 0.5]), snaps, es])
+    first_best = snaps.snaps[1]
+    learn.fit(3, 1e-2, cbs=[FeedMonitor([2.0, 3.0, 4.0]), es])
+    assert (es.best_epoch, es.stopped_epoch) == (1, 1)  # 0.5 of the first fit still stands: 2 epochs worse
+    assert same_state(current_state(learn), first_best)
+
+
+def test_early_stopping_bad_patience_names_it():
+    with pytest.raises(ValueError, match="patience=0"):
+        EarlyStopping(patience=0)
 
 
 def test_early_stopping_without_restore_keeps_last(tiny):
@@ -558,6 +666,16 @@ def test_guard_stops_before_step_fastai_after(tiny):
     assert same_state(current_state(learn), inj.before)  # params and BatchNorm stats as before the batch
     assert guard.stop_reason == "non-finite loss at epoch 1, batch 1"
     assert len(learn.recorder.values) == 1  # stopped inside epoch 1
+
+
+def test_guard_reason_is_empty_until_it_stops_and_cleared_by_the_next_fit(tiny):
+    guard = NonFiniteGuard()
+    assert guard.stop_reason == ""
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        tiny().fit(2, 1e-2, cbs=[InjectNaN(), guard])
+    assert guard.stop_reason.startswith("non-finite loss")
+    tiny().fit(1, 1e-2, cbs=[guard])
+    assert guard.stop_reason == ""  # a fit that went well says so, also after a stopped one
 
 
 def test_guard_catches_nonfinite_gradient_with_finite_loss(tiny):

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import json
+import re
 import shutil
 import socket
 import tarfile
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from fastai.torch_core import set_seed
-from fastai.vision.augment import CropPad, RandomResizedCrop
+from fastai.vision.augment import CropPad, RandomResizedCrop, aug_transforms
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageDataLoaders
 from PIL import Image, UnidentifiedImageError
@@ -27,10 +28,23 @@ from fastlesson.data import (
     SOURCES,
     VAL_XTRA,
     ImageOpener,
+    _cache_dir,
+    _check,
+    _check_sizes,
+    _flowers_items,
+    _is_small,
+    _item_side,
+    _prepare,
+    _prepare_all,
+    _random_split,
+    _rename,
+    _tfms,
     decode_side,
+    default_image_cache,
     flower_names,
     image_problem,
     load_data,
+    open_reduced,
     sample_path,
 )
 
@@ -473,3 +487,242 @@ def test_offline_download_is_a_clear_error(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(FileNotFoundError, match="--data sample"):
         load_data("cifar10", url=f"http://127.0.0.1:{port}/cifar10.tgz", download_base=tmp_path, **SMALL)
+
+
+# --- each helper's branches and boundaries, on made-up inputs (no loaders: these run once per mutant) ---
+
+def test_decode_side_is_fastais_validation_resize():
+    """decode_side(size) == the side fastai's RandomResizedCrop resizes to before its validation centre crop."""
+    img = PILImage.create(np.zeros((30, 40, 3), np.uint8))
+    for size in range(8, 400):
+        for xtra in (VAL_XTRA, 0.14):
+            rrc = RandomResizedCrop(size, val_xtra=xtra)
+            rrc.before_call(img, split_idx=1)
+            assert rrc.final_size == (decode_side(size, xtra),) * 2, (size, xtra)
+
+
+def test_default_image_cache_prefers_env_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLESSON_CACHE", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_image_cache() == tmp_path / "env" / "images"
+    monkeypatch.setenv("FASTLESSON_CACHE", "")  # set but empty: as if unset
+    assert default_image_cache() == tmp_path / "xdg" / "fastlesson" / "images"
+    monkeypatch.delenv("FASTLESSON_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_image_cache() == tmp_path / "home" / ".cache" / "fastlesson" / "images"
+
+
+def test_opener_reads_the_cached_copy_and_falls_back_to_the_original(tmp_path):
+    orig, copy = tmp_path / "photo.png", tmp_path / "copy.png"
+    _photo(300, 200, seed=0).save(orig)
+    Image.new("RGB", (150, 100), (1, 2, 3)).save(copy)  # a copy that is recognisably not the photo
+    opener = ImageOpener(100, {str(orig): str(copy)})
+    assert opener(orig).size == (150, 100) and opener(orig).getpixel((5, 5)) == (1, 2, 3)
+    want = np.asarray(open_reduced(orig, 100))
+    assert want.shape == (100, 150, 3)
+    copy.write_bytes(b"damaged")  # a damaged copy: the original is decoded instead
+    assert np.array_equal(np.asarray(opener(orig)), want)
+    copy.unlink()  # a deleted copy: the same
+    assert np.array_equal(np.asarray(opener(orig)), want)
+    assert np.array_equal(np.asarray(ImageOpener(100)(str(orig))), want)  # str paths too, no cache
+
+
+def test_opener_passes_arrays_and_images_to_fastai(tmp_path):
+    arr = np.zeros((5, 600, 3), np.uint8)
+    arr[..., 1] = 77
+    img = ImageOpener(2)(arr)  # not a path: fastai's own conversion, never reduced
+    assert isinstance(img, PILImage) and img.size == (600, 5) and img.getpixel((0, 0)) == (0, 77, 0)
+
+
+def _items(root: Path, counts: dict[str, int]) -> list:
+    out = []
+    for cls, n in counts.items():
+        for i in range(n):
+            out.append((_jpeg(root / cls / f"{i:02d}.jpg", size=(8, 8), seed=i), cls, False))
+    return out
+
+
+def test_random_split_counts_per_class_and_spares_tiny_classes(tmp_path):
+    items = _items(tmp_path, {"two": 2, "three": 3, "ten": 10})
+    split = _random_split(items, 0.3, seed=0)
+    assert sorted(f for f, _, _ in split) == sorted(f for f, _, _ in items)  # every item, its own label
+    assert all(f.parent.name == lbl for f, lbl, _ in split)
+    valid = {lbl: sum(v for _, l2, v in split if l2 == lbl) for lbl in ("two", "three", "ten")}
+    # round(2 * 0.3): a class of MIN_TRAIN_PER_CLASS images keeps them all; round(0.9) = 1; round(3.0) = 3
+    assert valid == {"two": 0, "three": 1, "ten": 3}
+    picks = {tuple(f.name for f, lbl, v in _random_split(items, 0.3, seed=s) if v and lbl == "ten")
+             for s in range(6)}
+    assert len(picks) > 1  # the seed picks which images
+
+
+@pytest.mark.parametrize("pct", [0, 1, -0.2, 1.0])
+def test_random_split_needs_a_fraction_strictly_between_0_and_1(tmp_path, pct):
+    with pytest.raises(ValueError, match=f"valid_pct={pct!r}"):
+        _random_split(_items(tmp_path, {"a": 3}), pct, seed=0)
+
+
+@pytest.mark.parametrize("size, bs, bad", [(7, 4, "size=7"), (8.0, 4, "size=8.0"), ("32", 4, "size='32'"),
+                                           (8, 0, "bs=0"), (8, 2.0, "bs=2.0"), (8, -1, "bs=-1")])
+def test_sizes_are_checked_at_their_bounds(size, bs, bad):
+    _check_sizes(8, 1)  # the smallest accepted: an 8-px side, one image a batch
+    with pytest.raises(ValueError, match=re.escape(bad)):
+        _check_sizes(size, bs)
+
+
+def test_is_small_reads_the_first_image_that_opens(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    edge, over = tmp_path / "edge.png", tmp_path / "over.png"
+    Image.new("RGB", (64, 10)).save(edge)  # the longest side decides: 64 px is CIFAR-sized, 65 is not
+    Image.new("RGB", (65, 10)).save(over)
+    assert _is_small([(bad, "a", False), (edge, "a", False), (over, "a", False)])
+    assert not _is_small([(bad, "a", False), (over, "a", False), (edge, "a", False)])
+    assert not _is_small([(bad, "a", False)]) and not _is_small([])
+
+
+@pytest.mark.parametrize("size, item_size, aug, small, side", [
+    (32, None, True, True, 32), (32, 64, True, True, 32),  # tiny images: opened at the crop size
+    (64, None, True, False, 80), (64, 96, True, False, 96 + 24),  # photos, augmented: the validation resize
+    (64, None, False, False, 64), (64, 96, False, False, 96),  # not augmented: the item resize
+])
+def test_item_side_is_what_the_item_transforms_need(size, item_size, aug, small, side):
+    assert _item_side(size, item_size, aug, small) == side
+
+
+@pytest.mark.parametrize("size, pad", [(8, 10), (15, 17), (16, 20), (32, 40)])
+def test_tiny_images_are_padded_by_an_eighth_on_each_side(size, pad):
+    item, batch = _tfms(size, None, True, True)
+    assert [type(t).__name__ for t in item] == ["Resize", "CropPad", "RandomCrop"]
+    assert tuple(item[1].size) == (pad, pad) and tuple(item[2].size) == (size, size)
+    assert [t.order for t in item[1:]] == [2, 3] and [type(t).__name__ for t in batch] == ["Flip"]
+    a = np.zeros((size, size, 3), np.uint8)
+    a[:, :, 0], a[0, :, 1] = 200, 90  # a red image whose top row is also green
+    padded = np.asarray(item[1](PILImage.create(a), split_idx=0))
+    assert padded.shape == (pad, pad, 3) and (padded[..., 0] == 200).all()  # reflected: no black frame
+    assert (padded[(pad - size) // 2, :, 1] == 90).all() and padded[(pad - size) // 2 - 1, :, 1].max() == 0
+    item, batch = _tfms(size, None, False, True)
+    assert [type(t).__name__ for t in item] == ["Resize"] and batch == []
+
+
+def test_photo_tfms_resize_twice_only_when_item_size_differs():
+    item, batch = _tfms(64, 96, False, False)
+    assert tuple(item[0].size) == (96, 96) and [tuple(t.size) for t in batch] == [(64, 64)]
+    item, batch = _tfms(64, 64, False, False)
+    assert tuple(item[0].size) == (64, 64) and batch == []
+    item, batch = _tfms(64, None, False, False)
+    assert tuple(item[0].size) == (64, 64) and batch == []
+    (rrc,), batch = _tfms(64, 96, True, False)
+    assert tuple(rrc.size) == (96, 96) and (rrc.min_scale, rrc.val_xtra) == (MIN_SCALE, VAL_XTRA)
+    assert {type(t).__name__ for t in batch} == {type(t).__name__ for t in aug_transforms(size=64)}
+    assert [t.size for t in batch if hasattr(t, "size")] == [t.size for t in aug_transforms(size=64)
+                                                            if hasattr(t, "size")]
+
+
+def test_cache_dir_choices(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLESSON_CACHE", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _cache_dir(True, small=False) == tmp_path / "env" / "images"
+    assert _cache_dir(str(tmp_path / "c"), small=False) == tmp_path / "c"
+    assert _cache_dir("~/c", small=False) == tmp_path / "home" / "c"
+    assert _cache_dir(Path("~/p"), small=False) == tmp_path / "home" / "p"
+    for off in (False, None):
+        assert _cache_dir(off, small=False) is None
+    assert _cache_dir(True, small=True) is None and _cache_dir(tmp_path, small=True) is None  # CIFAR-sized
+    with pytest.raises(ValueError, match="image_cache=1.5"):
+        _cache_dir(1.5, small=False)
+
+
+def test_prepare_caches_from_twice_the_decode_side(tmp_path):
+    edge, under = tmp_path / "edge.png", tmp_path / "under.png"
+    _photo(240, 160, seed=0).save(edge)  # short side 160 = 2 x 80: cached
+    _photo(240, 159, seed=0).save(under)
+    problem, copy = _prepare(edge, 80, tmp_path / "c", check=True)
+    assert problem is None and copy.is_file() and Image.open(copy).size == (120, 80)
+    assert copy.parent.parent == tmp_path / "c" and copy.name.endswith(f"-80px-{CACHE_FORMAT}.bmp")
+    assert copy.parent.name == copy.name[:2] and len(copy.name.split("-")[0]) == 32  # 16-byte digest
+    assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(open_reduced(edge, 80)))
+    assert _prepare(under, 80, tmp_path / "c", check=True) == (None, None)
+    assert _prepare(edge, 80, None, check=True) == (None, None)  # no cache: checked only
+
+
+def test_prepare_reports_broken_images_only_when_checking(tmp_path):
+    good = tmp_path / "good.jpg"
+    _photo(400, 300, seed=0).save(good, quality=90)
+    cut, empty, text = tmp_path / "cut.jpg", tmp_path / "empty.jpg", tmp_path / "text.jpg"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    for cache in (tmp_path / "c", None):
+        problem, copy = _prepare(cut, 80, cache, check=True)
+        assert "unreadable image" in problem and copy is None
+        assert _prepare(empty, 80, cache, check=True) == ("empty file", None)
+        assert "unreadable image" in _prepare(text, 80, cache, check=True)[0]
+        for f in (cut, empty, text):
+            assert _prepare(f, 80, cache, check=False) == (None, None)
+    assert not list(tmp_path.rglob("*.bmp"))  # nothing cached from a broken photo
+
+
+def test_prepare_all_keeps_order_and_skips_with_reasons(tmp_path):
+    items = _items(tmp_path, {"a": 3})
+    items[1][0].write_bytes(b"")
+    skipped = []
+    good, cached = _prepare_all(items, 80, None, True, skipped)
+    assert good == [items[0], items[2]] and cached == {} and skipped == [(items[1][0], "empty file")]
+    skipped = []
+    assert _prepare_all(items, 80, None, False, skipped) == (items, {}) and skipped == []  # nothing checked
+
+
+def _flowers_folder(root: Path, train: str, valid: str | None) -> Path:
+    for n in (1, 2, 3):
+        _jpeg(root / "jpg" / f"image_{n:05d}.jpg", size=(8, 8), seed=n)
+    (root / "train.txt").write_text(train)
+    if valid is not None:
+        (root / "valid.txt").write_text(valid)
+    return root
+
+
+def test_flowers_label_files_skip_blank_lines_and_missing_images(tmp_path):
+    root = _flowers_folder(tmp_path / "f", "jpg/image_00001.jpg 0\n\n  \njpg/image_00009.jpg 3\n"
+                                           "jpg/image_00002.jpg 101", "jpg/image_00003.jpg 16\n")
+    skipped = []
+    items, split = _flowers_items(root, skipped)
+    names = flower_names()
+    assert split == "train.txt/valid.txt"
+    assert items == [(root / "jpg" / "image_00001.jpg", names["1"], False),
+                     (root / "jpg" / "image_00002.jpg", names["102"], False),
+                     (root / "jpg" / "image_00003.jpg", names["17"], True)]
+    assert skipped == [(root / "jpg" / "image_00009.jpg", "listed in train.txt but missing")]
+
+
+def test_flowers_archive_without_a_label_file_is_named(tmp_path):
+    root = _flowers_folder(tmp_path / "f", "jpg/image_00001.jpg 0\n", None)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(root / "valid.txt"))):
+        _flowers_items(root, [])
+
+
+def test_folders_missing_from_the_json_keep_their_folder_name(tmp_path):
+    items = [(tmp_path / "1" / "x.jpg", "1", False), (tmp_path / "2" / "y.jpg", "2", True)]
+    assert _rename(items, {"1": "rose"}, tmp_path / "cat_to_name.json") == \
+        [(tmp_path / "1" / "x.jpg", "rose", False), (tmp_path / "2" / "y.jpg", "2", True)]
+    with pytest.raises(ValueError, match="'1' and '2'"):
+        _rename(items, {"1": "2"}, tmp_path / "cat_to_name.json")  # a name that is another folder's
+
+
+def test_check_counts_training_images_per_class(tmp_path):
+    ok = [(tmp_path / f"{i}", c, v) for i, (c, v) in enumerate([("a", False), ("a", False), ("b", False),
+                                                                 ("b", False), ("a", True)])]
+    assert _check(ok, tmp_path, "valid") == ok  # b needs no validation image; 2 training images suffice
+    one = ok[1:]
+    with pytest.raises(ValueError, match=r"'a' \(1\)") as err:
+        _check(one + [(tmp_path / "v", "a", True)], tmp_path, "valid")
+    assert "'b'" not in str(err.value)
+    for split, where in (("valid", tmp_path / "train"), ("random", tmp_path)):  # where to add images
+        with pytest.raises(ValueError, match="No readable training images") as err:
+            _check([(tmp_path / "v", "a", True)], tmp_path, split)
+        assert str(err.value).endswith(f"under {where}")
+    for split in ("train.txt/valid.txt", "random"):  # a label file or a random split, not a folder
+        with pytest.raises(ValueError, match=re.escape(f"is empty ({tmp_path})")):
+            _check(ok[:4], tmp_path, split)
+    with pytest.raises(ValueError, match=re.escape(f"is empty ({tmp_path / 'val'})")):
+        _check(ok[:4], tmp_path, "val")

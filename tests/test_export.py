@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastai.learner import load_learner
+from fastai.data.core import Datasets, TfmdLists
+from fastai.data.transforms import Categorize, parent_label
+from fastai.learner import Learner, load_learner
 from fastai.vision.all import ImageDataLoaders, PILImage, RandomResizedCrop, Resize
 from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
 
 import fastlesson.export as export_mod
 from fastlesson.export import (
@@ -30,10 +34,12 @@ from fastlesson.export import (
     load_rgb,
     predict_files,
     preprocessing_spec,
+    save_examples,
 )
 from fastlesson.models import create_learner
 
 from _recipe_helpers import write_image_folder
+from _tiny import make_tiny_learner
 
 ARCH = "resnet18"  # torchvision, built without weights: small and fast at 32 px
 SIZE = 32  # px
@@ -79,6 +85,9 @@ def test_bundle_files_and_metadata(exported):
     for lib in ("fastlesson", "fastai", "torch", "timm"):
         assert meta["versions"][lib]
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+    # export.pkl is fastai's own export of this learner (mutmut credits the module fixture's calls to
+    # the first test that uses it, so the files it writes are checked here)
+    assert list(load_learner(out / "export.pkl").dls.vocab) == ["a", "b", "c"]
 
 
 def test_bundle_loads_without_unpickling(exported, monkeypatch):
@@ -115,7 +124,11 @@ def test_pickle_refused_unless_trusted(exported):
     with pytest.raises(ValueError, match="trust_pickle=True"):
         load_model(out / "export.pkl")
     trusted = load_model(out / "export.pkl", trust_pickle=True)
-    assert trusted.source == "pickle"
+    assert trusted.source == "pickle" and trusted.classes == ["a", "b", "c"]
+    assert [p.label for p in trusted.predict(files)] == [p.label for p in load_model(out, device="cpu").predict(files)]
+    for m, source in ((trusted, "pickle"), (load_model(out, device="cpu"), "bundle")):
+        shown = repr(m)  # what a notebook shows: class, architecture, classes, backend, origin
+        assert all(part in shown for part in ("TorchPredictor", "'resnet18'", "3 classes", "'torch'", source))
     a = trusted.probs(files, tta=True)
     b = load_model(out, device="cpu").probs(files, tta=True)
     assert torch.allclose(a, b, atol=1e-5)
@@ -474,3 +487,217 @@ def test_predict_script_truncated_weights_one_line(onnx_run, tmp_path):
     last = [ln for ln in res.stderr.splitlines() if not ln.lstrip().startswith(("warnings.warn", "/"))]
     assert len(last) == 1 and last[0].startswith("error: ") and BUNDLE_WEIGHTS in last[0]
     assert "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------- loading a trusted pickle: the device
+
+
+@pytest.mark.parametrize("device, on_cpu", [(None, True), ("cpu", True), ("cuda", False)])
+def test_trusted_pickle_loads_on_cpu_unless_a_gpu_is_asked_for(exported, monkeypatch, device, on_cpu):
+    """On a machine with a GPU, export.pkl still opens on the CPU unless device='cuda' asks for it
+    (a GPU is faked: load_learner's `cpu` argument and the predictor's device are what is checked)."""
+    import fastai.learner
+
+    _, out, _, _ = exported
+    real, asked = fastai.learner.load_learner, []
+
+    class _Stop(Exception):
+        pass
+
+    def spy(fname, cpu=True, **kw):
+        asked.append(cpu)
+        if not cpu:  # this machine has no GPU to load onto
+            raise _Stop
+        return real(fname, cpu=True, **kw)
+
+    monkeypatch.setattr(fastai.learner, "load_learner", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        m = load_model(out / "export.pkl", trust_pickle=True, device=device)
+    except _Stop:
+        m = None
+    assert asked == [on_cpu]
+    if on_cpu:
+        assert m.device == torch.device("cpu") and next(m.model.parameters()).device == torch.device("cpu")
+
+
+# ---------------------------------------------------------------- predict_files: same as predict
+
+
+def _big_jpegs(d: Path, n=2) -> list[Path]:
+    """JPEGs far larger than the model's input, so fast decoding (draft + reduce) changes the pixels."""
+    rng = np.random.default_rng(1)
+    d.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(n):
+        arr = rng.integers(0, 255, (200, 240, 3), dtype=np.uint8)
+        arr[:, : 60 + 40 * k] = (230, 30, 30)  # a red band: not symmetric, not noise only
+        Image.fromarray(arr).save(d / f"big_{k}.jpg", quality=92)
+        files.append(d / f"big_{k}.jpg")
+    return files
+
+
+@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("decode_side", [None, 40], ids=["draft-decode", "draft-and-reduce"])
+def test_predict_files_predicts_like_predict(exported, tmp_path, tta, decode_side):
+    """predict_files decodes the files itself: the same fast decode (draft, and the reduction to the
+    decode_side a load_data model records), the same TTA and the same probabilities as predict."""
+    _, out, _, _ = exported
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (BUNDLE_META, BUNDLE_WEIGHTS):
+        shutil.copy(out / name, run / name)
+    if decode_side is not None:  # the bundle of a from_folder learner records none
+        _edit_meta(run, decode_side=decode_side)
+    m = load_model(run, device="cpu")
+    files = _big_jpegs(tmp_path / "imgs")
+    want = m.predict(files, tta=tta)
+    rows = list(predict_files(m, files, tta=tta, bs=4))
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    for row, p in zip(rows, want):
+        assert row["label"] == p.label and row["prob"] == pytest.approx(p.prob, abs=1e-6)
+        assert row["top5"] == [[lab, pytest.approx(q, abs=1e-6)] for lab, q in p.top5]
+    # the decode and the TTA matter at these sizes, so the comparison above can tell them apart
+    full = m.probs([load_rgb(f) for f in files], tta=tta)
+    other = m.probs(files, tta=not tta)
+    for alt in (full, other):
+        assert not torch.allclose(torch.tensor([r["prob"] for r in rows]), alt.max(1).values, atol=1e-4)
+
+
+# ---------------------------------------------------------------- learner_tta
+
+
+def _flip_tta_reference(learn, x: torch.Tensor) -> torch.Tensor:
+    """mean(softmax(model(x)), softmax(model(x mirrored))), by hand."""
+    model = learn.model.eval()
+    with torch.no_grad():
+        return (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+
+
+@pytest.mark.parametrize("n", [None, 1, 5], ids=["valid", "one-item-dl", "five-item-dl"])
+def test_learner_tta_is_flip_tta_of_probabilities(n):
+    """Probabilities even when the loss carries no activation (plain nn.CrossEntropyLoss: fastai's
+    get_preds would return logits), over `dl` when one is given."""
+    learn = make_tiny_learner()
+    x, y = learn.dls.valid_ds.tensors
+    dl = None
+    if n is not None:
+        x, y = x[:n], y[:n]
+        dl = learn.dls.valid.new(TensorDataset(x, y))
+    probs, targs = learner_tta(learn, dl)
+    assert torch.allclose(probs, _flip_tta_reference(learn, x), atol=1e-6)
+    assert torch.equal(targs, y)
+
+
+def test_learner_tta_on_an_empty_validation_set(exported):
+    learn, _, _, _ = exported
+    probs, targs = learner_tta(learn, learn.dls.valid.new(learn.dls.valid_ds.new_empty()))
+    assert probs.shape == (0, 3) and probs.dtype == torch.float32
+    assert targs.shape == (0,) and targs.dtype == torch.long
+
+
+# ---------------------------------------------------------------- save_examples
+
+ODD_CLASSES = {"St. John's-wort": 1, "a": 3, "x" * 45: 2}  # class -> validation images
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
+
+
+def _examples_learner(root: Path):
+    """A fastai learner over root/train|valid/<class>; every validation image one solid colour, one of
+    them bigger than the examples' 512 px."""
+    k = 0
+    for cls, n_valid in ODD_CLASSES.items():
+        for split, n in (("train", 1), ("valid", n_valid)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                size = (600, 540) if (split, cls, i) == ("valid", "a", 1) else (48, 36)
+                Image.new("RGB", size, COLOURS[k % len(COLOURS)]).save(root / split / cls / f"img_{i}.jpg")
+                k += 1
+    dls = ImageDataLoaders.from_folder(root, train="train", valid="valid", item_tfms=Resize(SIZE), bs=4,
+                                       num_workers=0, device="cpu")
+    return Learner(dls, nn.Identity())
+
+
+# (class index in the vocab, rank within the class) of each example: round robin in vocab order, and a
+# class with fewer images drops out (S0 a0 x0 a1, then x1 a2)
+@pytest.mark.parametrize("n, picks", [(4, [(0, 0), (1, 0), (2, 0), (1, 1)]),
+                                      (10, [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (1, 2)])])
+def test_save_examples_one_class_after_another(tmp_path, n, picks):
+    learn = _examples_learner(tmp_path / "data")
+    vocab = list(learn.dls.vocab)
+    assert vocab == list(ODD_CLASSES)  # fastai's sorted vocab: 'S' < 'a' < 'x'
+    by_class = {c: [f for f in learn.dls.valid_ds.items if f.parent.name == c] for c in vocab}
+    labels = [vocab[c] for c, _ in picks]
+    sources = [by_class[vocab[c]][r] for c, r in picks]
+    safe = {"St. John's-wort": "St._John_s-wort", "a": "a", "x" * 45: "x" * 40}
+    want = [f"{k:02d}_{safe[c]}.jpg" for k, c in enumerate(labels)]
+
+    files = save_examples(learn, tmp_path / "run", n=n)
+    dest = tmp_path / "run" / "examples"
+    assert [f.name for f in files] == want and all(f.parent == dest for f in files)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*want, "examples.json"])  # no temp files
+    listing = json.loads((dest / "examples.json").read_text())
+    assert listing == [{"file": w, "label": c, "source": s.name} for w, c, s in zip(want, labels, sources)]
+    for f, src in zip(files, sources):
+        with Image.open(f) as got, Image.open(src) as orig:
+            assert got.format == "JPEG"
+            w, h = orig.size
+            if max(w, h) > 512:  # shrunk to 512 px on the long side, aspect kept
+                assert max(got.size) == 512 and abs(got.size[0] / got.size[1] - w / h) < 0.01
+            else:
+                assert got.size == orig.size
+            colour = np.asarray(got.convert("RGB"), float).reshape(-1, 3).mean(0)
+            assert np.abs(colour - np.asarray(orig.convert("RGB"), float).reshape(-1, 3).mean(0)).max() < 4
+
+
+def test_save_examples_from_load_data(tmp_path):
+    """load_data's items are a DataFrame of (path, label, is_valid): its paths and labels are used."""
+    from fastlesson.data import load_data
+
+    root = write_image_folder(tmp_path / "data", n_train=2, n_valid=2, size=(48, 36))
+    data = load_data(root, size=SIZE, bs=4)
+    files = save_examples(_namespace_learner(data.dls.valid_ds, data.dls.vocab), tmp_path / "run", n=3)
+    listing = json.loads((tmp_path / "run" / "examples" / "examples.json").read_text())
+    assert [f.name for f in files] == ["00_a.jpg", "01_b.jpg", "02_c.jpg"]
+    assert [(e["label"], Path(e["source"]).suffix) for e in listing] == [("a", ".jpg"), ("b", ".jpg"), ("c", ".jpg")]
+
+
+def _namespace_learner(valid_ds, vocab=("a", "b")):
+    """What save_examples reads of a learner: dls.vocab and dls.valid_ds."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(dls=SimpleNamespace(vocab=list(vocab), valid_ds=valid_ds))
+
+
+def _no_examples_cases(root: Path) -> dict:
+    files = []
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / cls / "x.jpg")
+        files.append(root / cls / "x.jpg")
+    label = [parent_label, Categorize(vocab=["a", "b"])]
+    return {
+        "tensor dataset": TensorDataset(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1])),
+        "empty validation set": Datasets(files, tfms=[[PILImage.create], label], splits=[[0, 1], []]).valid,
+        "no labels": Datasets(files, tfms=[[PILImage.create]]),
+        "one pipeline (TfmdLists)": TfmdLists(files, [PILImage.create]),
+    }
+
+
+@pytest.mark.parametrize("case", ["tensor dataset", "empty validation set", "no labels", "one pipeline (TfmdLists)"])
+def test_save_examples_none_without_labelled_image_files(tmp_path, case):
+    ds = _no_examples_cases(tmp_path / "data")[case]
+    assert save_examples(_namespace_learner(ds), tmp_path / "run") == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_save_examples_label_from_the_last_pipeline(tmp_path):
+    """With two inputs (a fastai Datasets of image, image, label), the label is the last pipeline's."""
+    files = []
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "data" / cls / "x.jpg")
+        files.append(tmp_path / "data" / cls / "x.jpg")
+    ds = Datasets(files, tfms=[[PILImage.create], [PILImage.create], [parent_label, Categorize(vocab=["a", "b"])]],
+                  n_inp=2)
+    assert [f.name for f in save_examples(_namespace_learner(ds), tmp_path / "run")] == ["00_a.jpg", "01_b.jpg"]

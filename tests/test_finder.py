@@ -359,6 +359,48 @@ def test_suggestion_never_leaves_the_swept_range():
     assert s == LRS[0]
 
 
+@pytest.mark.parametrize("valley, expected", [
+    (1e-3, 1e-3),  # inside [lr_min/100, lr_min/3]: valley itself
+    (1e-9, "lo"), (5.0, "hi"),  # outside: clamped to the window's edge
+    (float("nan"), "tenth"), (float("inf"), "tenth"), (0.0, "tenth"), (-1e-3, "tenth"),  # no valley
+])
+def test_suggestion_is_valley_clamped_into_the_window_or_a_tenth_of_the_minimum(monkeypatch, valley,
+                                                                                  expected):
+    from fastlesson import finder
+
+    monkeypatch.setitem(finder.FASTAI_METHODS, "valley", lambda lrs, losses, n: (valley, None))
+    losses = u_curve()
+    lr_min = LRS[losses.argmin()]
+    assert 1e-3 < lr_min / 3 and lr_min / 100 < 1e-3  # the inside case really is inside
+    sugg, s = suggest_lrs(LRS, losses)
+    want = {"lo": lr_min / 100, "hi": lr_min / 3, "tenth": lr_min / 10}.get(expected, expected)
+    assert s == pytest.approx(want, rel=1e-12)
+    assert sugg["valley"] == valley or math.isnan(valley)
+
+
+def test_non_positive_or_non_finite_lrs_end_the_usable_prefix():
+    losses = u_curve()
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        lrs = LRS.copy()
+        lrs[60] = bad
+        assert suggest_lrs(lrs, losses) == suggest_lrs(LRS[:60], losses[:60])
+
+
+def test_num_it_must_leave_min_points_after_the_skips(tiny_learner, tmp_path):
+    learn = mk(tiny_learner, tmp_path)
+    # 23 - 23 // 10 - 5 = 16 points left; 22 leaves 15
+    with pytest.raises(ValueError, match="num_it=22 is too small.*num_it >= 23"):
+        find_lr(learn, num_it=22)
+
+
+def test_exactly_min_points_is_enough():
+    lrs, losses = LRS[::6][:MIN_POINTS], u_curve()[::6][:MIN_POINTS]
+    _, s = suggest_lrs(lrs, losses)
+    assert lrs[0] <= s <= lrs[-1]
+    with pytest.raises(ValueError, match=f"only {MIN_POINTS - 1} finite"):
+        suggest_lrs(lrs[:-1], losses[:-1])
+
+
 def test_too_few_points_for_suggestions():
     with pytest.raises(ValueError, match=f"need {MIN_POINTS}"):
         suggest_lrs(LRS[:10], u_curve()[:10])
@@ -383,6 +425,60 @@ def test_plot_returns_figure_marks_suggestion_and_writes_png(tiny_learner, tmp_p
     fig2 = Figure()
     ax2 = fig2.add_subplot()
     assert r.plot(ax=ax2) is fig2 and ax2.get_xscale() == "log"
+
+
+def curve_result(window=(5, 45)):
+    """A made-up range test: a U-shaped loss with a raw blow-up over the last 5 batches."""
+    from fastlesson.finder import _smooth
+
+    lrs = np.logspace(-6, 0, 50)
+    losses = 2.0 - 1.5 * np.exp(-((np.log10(lrs) + 2.5) ** 2))
+    losses[-5:] = [5.0, 9.0, 20.0, 40.0, 80.0]
+    sm = _smooth(losses)
+    sugg = {"valley": 1e-4, "slide": 3e-4, "steep": 1e-5, "minimum": 3e-3}
+    return LRFinderResult(lrs, losses, sm, sugg, 2e-4, "diverged", window=window)
+
+
+@pytest.mark.parametrize("window", [(5, 45), None])
+def test_plot_shows_the_curves_and_each_suggestion_on_the_smoothed_curve(window):
+    r = curve_result(window)
+    ax = r.plot().axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    np.testing.assert_array_equal(lines["loss (raw)"].get_xdata(), r.lrs)
+    np.testing.assert_array_equal(lines["loss (raw)"].get_ydata(), r.losses)
+    np.testing.assert_array_equal(lines["loss (smoothed)"].get_xdata(), r.lrs)
+    np.testing.assert_array_equal(lines["loss (smoothed)"].get_ydata(), r.smoothed)
+    lo, hi = window or (0, 50)
+    for name, lr in r.suggestions.items():  # a marker at the suggested LR, on the smoothed curve
+        (marker,) = [line for label, line in lines.items() if label == f"{name} {lr:.1e}"]
+        assert marker.get_marker() == "o" and marker.get_linestyle() == "None"
+        y = np.interp(np.log10(lr), np.log10(r.lrs[lo:hi]), r.smoothed[lo:hi])
+        np.testing.assert_allclose([*marker.get_xdata(), *marker.get_ydata()], [lr, y])
+    vline = lines["suggestion 2.0e-04"]
+    assert list(vline.get_xdata()) == [2e-4, 2e-4] and vline.get_linestyle() == "--"
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "linear"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("learning rate (top group)", "train loss")
+    assert ax.get_title() == "LR range test (diverged, 50 batches)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
+
+
+def test_plot_y_range_fits_the_analysed_window_not_the_blow_up():
+    r = curve_result()
+    bottom, top = r.plot().axes[0].get_ylim()
+    shown = np.r_[r.smoothed[5:45], r.losses[5:45], r.smoothed[0]]
+    lo, hi = shown.min(), shown.max()
+    assert bottom == pytest.approx(lo - 0.1 * (hi - lo)) and top == pytest.approx(hi + 0.25 * (hi - lo))
+    assert r.losses[-1] > top  # the raw blow-up runs off the top instead of flattening the curve
+    # no window: the range is the whole smoothed curve's, its blow-up included
+    r.window = None
+    assert r.smoothed[-1] == r.smoothed.max() < r.plot().axes[0].get_ylim()[1] < r.losses.max()
+    # a flat curve still gets a visible range, centred on it
+    flat = LRFinderResult(r.lrs, np.full(50, 0.5), np.full(50, 0.5), r.suggestions, 2e-4, "completed")
+    bottom, top = flat.plot().axes[0].get_ylim()
+    assert bottom == pytest.approx(0.5 - 0.1 * 5e-4) and top == pytest.approx(0.5 + 0.25 * 5e-4)
+    zero = LRFinderResult(r.lrs, np.zeros(50), np.zeros(50), r.suggestions, 2e-4, "completed")
+    bottom, top = zero.plot().axes[0].get_ylim()
+    assert bottom < 0 < top and top - bottom < 1e-9
 
 
 # ---------- stop rule and window on low, noisy curves and sweeps cut short ----------
@@ -444,6 +540,32 @@ def test_divergence_rule_needs_a_rise_that_persists():
     assert not diverged(0.15, 0.05, [0.3, 0.5, 0.9, 2.0, 4.0])  # smoothed not yet 4x
 
 
+def test_divergence_rule_is_strictly_above_the_limit():
+    from fastlesson.finder import DIVERGE_FACTOR, diverged
+
+    limit = DIVERGE_FACTOR * 0.25  # exact in binary floating point
+    assert diverged(limit + 0.01, 0.25, [limit + 0.01] * 5)
+    assert not diverged(limit, 0.25, [limit + 0.01] * 5)  # smoothed at the limit: not yet
+    assert not diverged(limit + 0.01, 0.25, [limit] * 5)  # median at the limit: not yet
+
+
+def test_smoothing_is_fastais_avg_smooth_loss():
+    """The independent reference: fastai's own AvgSmoothLoss metric fed the same losses."""
+    from types import SimpleNamespace
+
+    from fastai.learner import AvgSmoothLoss
+
+    from fastlesson.finder import _smooth
+
+    losses = np.r_[np.linspace(3.0, 1.0, 20), np.random.default_rng(0).uniform(0.5, 4.0, 20)]
+    ref, metric = [], AvgSmoothLoss()
+    for x in losses:
+        metric.accumulate(SimpleNamespace(loss=torch.tensor(x, dtype=torch.float32)))
+        ref.append(float(metric.value))
+    np.testing.assert_allclose(_smooth(losses), ref, rtol=1e-5)
+    np.testing.assert_allclose(_smooth(losses, beta=0.5)[:2], [3.0, (0.5 * 3.0 + losses[1]) / 1.5])
+
+
 def test_nan_after_30_batches_still_suggests_from_the_30_finite_points(tiny_learner, tmp_path):
     """find_lr(num_it=100) used to drop 10% of num_it (10 points) plus the last 5: 15 < 16 left."""
     rng = np.random.default_rng(1)
@@ -471,3 +593,25 @@ def test_a_sweep_cut_short_below_min_points_is_still_a_clear_error(tiny_learner,
     values = np.linspace(2.0, 1.0, 14)  # NaN from batch 15: 14 < 16 finite points
     with pytest.raises(ValueError, match="only 14 finite loss points .* need 16"):
         find_lr(scripted_learner(tiny_learner, tmp_path, values), num_it=100)
+
+
+# ---------- the lesson's rule for an unfrozen model ----------
+
+def test_rise_lr_is_where_the_smoothed_loss_passes_its_minimum_by_a_quarter():
+    from types import SimpleNamespace
+
+    from fastlesson.finder import rise_lr
+
+    lrs = np.logspace(-7, 1, 81)  # 10 points a decade
+    wobble = 0.02 * np.sin(np.arange(81))  # a flat, noisy start: valley-style rules land anywhere on it
+    flat_then_up = np.where(lrs <= 1e-2, 0.6 + wobble, 0.6 * lrs / 1e-2)
+    res = SimpleNamespace(lrs=lrs, smoothed=flat_then_up)
+    at = rise_lr(res)
+    assert at == lrs[np.flatnonzero((lrs > 1e-2) & (flat_then_up > flat_then_up.min() * 1.25))[0]]
+    assert 1e-2 < at < 2e-2
+    assert rise_lr(SimpleNamespace(lrs=lrs, smoothed=np.full(81, 0.5))) == lrs[-1]  # never rises
+    # a low first point (noisy debiased start, outside find_lr's window) and a bump that comes back
+    # down are not the rise (seen on a 160-image data set: "rises at 1.5e-7")
+    noisy = flat_then_up.copy()
+    noisy[1], noisy[30:33] = 0.3, 0.9
+    assert rise_lr(SimpleNamespace(lrs=lrs, smoothed=noisy, window=(8, 76))) == at

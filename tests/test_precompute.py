@@ -61,6 +61,8 @@ def test_full_model_equals_head_on_cached_activations_datablock(image_folder):
     assert torch.allclose(preds, _head_preds(learn, res.features), atol=1e-5)
     assert torch.equal(targs, res.features.valid_y)
     assert res.accuracy == pytest.approx(float((preds.argmax(1) == targs).float().mean()))
+    # plain tensors, not fastai's TensorImage/TensorCategory of the batches (a disk hit gives plain ones)
+    assert {type(t) for t in res.features.tensors().values()} == {torch.Tensor}
 
 
 def test_works_on_fastlesson_load_data(image_folder):
@@ -128,12 +130,22 @@ def test_disk_cache_hit_and_safe_file(tiny_learner, tmp_path):
     assert fourth.cache_hit and fourth.cache_path.exists()
 
 
-def test_tampered_cache_file_is_refused(tiny_learner, tmp_path):
+@pytest.mark.parametrize("field", ["key", "format", "both"])
+def test_tampered_cache_file_is_refused(tiny_learner, tmp_path, field):
+    """Either recorded field alone is enough to refuse the file: another key, or an older cache format."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     learn = tiny_learner()
     res = precompute_head(learn, 1, cache_dir=tmp_path)
-    save_file(res.features.tensors(), str(res.cache_path), metadata={"key": "something else"})
+    with safe_open(str(res.cache_path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["key"] == res.cache_key
+    if field in ("key", "both"):
+        meta["key"] = "something else"
+    if field in ("format", "both"):
+        meta["format"] = "fastlesson-precompute-0"
+    save_file(res.features.tensors(), str(res.cache_path), metadata=meta)
     clear_memory_cache()
     with pytest.raises(ValueError, match="delete it"):
         precompute_head(learn, 1, cache_dir=tmp_path)
@@ -175,7 +187,7 @@ def test_cache_not_reused_for_different_image_size_or_items(image_folder, tmp_pa
 
 
 @pytest.mark.parametrize("kw, match", [(dict(n_epoch=0), "n_epoch"), (dict(n_epoch=1, lr_max=-1.0), "lr_max"),
-                                       (dict(n_epoch=1, bs=-2), "bs")])
+                                       (dict(n_epoch=1, bs=-2), "bs=-2"), (dict(n_epoch=1, bs=0), "bs=0")])
 def test_bad_arguments(tiny_learner, kw, match):
     with pytest.raises(ValueError, match=match):
         precompute_head(tiny_learner(), **kw)
@@ -336,3 +348,77 @@ def test_head_learner_loads_in_process(tiny_learner):
 
     head = precompute_learner(tiny_learner(), cache_dir=None)
     assert [dl.fake_l.num_workers for dl in head.dls.loaders] == [0, 0]  # fastai: 1 per CPU by default
+
+
+def _rows(learn) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of a tiny learner's training then validation TensorDataset, as one table."""
+    (xt, yt), (xv, yv) = learn.dls.train_ds.tensors, learn.dls.valid_ds.tensors
+    return torch.cat([xt, xv]), torch.cat([yt, yv])
+
+
+def indexed_learner(x, y, train_idx, valid_idx, frame=False, bs=8, **dl_kw) -> Learner:
+    """A fastai `Datasets` learner over rows of in-memory tensors: items are row numbers (`frame`: a
+    DataFrame of them, as load_data's items are), labels plain ints. No images, so it is fast."""
+    import pandas as pd
+    from fastai.data.core import Datasets
+
+    idx = [int(i) for i in (*train_idx, *valid_idx)]
+    splits = [list(range(len(train_idx))), list(range(len(train_idx), len(idx)))]
+    items, row = (pd.DataFrame({"row": idx}), lambda r: int(r["row"])) if frame else (idx, lambda i: int(i))
+    dsets = Datasets(items, tfms=[[row, x.__getitem__], [row, lambda i: int(y[i])]], splits=splits)
+    dls = dsets.dataloaders(bs=bs, num_workers=0, device="cpu", **dl_kw)
+    torch.manual_seed(0)
+    return Learner(dls, TinyCNN(3), loss_func=nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("frame", [False, True], ids=["list-items", "dataframe-items"])
+def test_cache_not_reused_when_a_late_item_is_swapped_for_another_of_its_class(tmp_path, frame):
+    """Same first batch, same labels, one other item late in the set: only the items' identity tells the
+    two data sets apart (the issue's case: a cache built on one data set reused for another)."""
+    x, y = _rows(make_tiny_learner(n_train=65))
+    other = next(i for i in range(48, 64) if y[i] == y[47] and not torch.equal(x[i], x[47]))
+    valid_idx = range(65, 65 + 32)
+    base = precompute_learner(indexed_learner(x, y, range(48), valid_idx, frame), cache_dir=tmp_path)
+    swapped = indexed_learner(x, y, [*range(47), other], valid_idx, frame)
+    res = precompute_learner(swapped, cache_dir=tmp_path)  # base's features are in memory and on disk
+    assert not res.cache.hit and res.cache.key != base.cache.key
+    assert torch.equal(res.features.train_y, base.features.train_y)  # the labels do not tell them apart
+    assert not torch.equal(res.features.train_x[-1], base.features.train_x[-1])
+    clear_memory_cache()
+    assert precompute_learner(swapped, cache_dir=tmp_path).cache.hit  # its own entry is found again
+
+
+class _BatchSizes:
+    """Forward hook: the batch sizes a module sees."""
+
+    def __init__(self, module):
+        self.sizes = []
+        module.register_forward_hook(lambda m, i, o: self.sizes.append(len(i[0])))
+
+
+@pytest.mark.parametrize("kind", ["tensor-dataset", "fastai-datasets"])
+def test_body_pass_in_dataset_order_whatever_the_valid_loader_does(kind):
+    """A validation loader that shuffles, drops its last partial batch and has another batch size (fastai
+    allows all three: from_dsets(shuffle=True, drop_last=True) sets both loaders; Datasets.dataloaders
+    has val_shuffle, val_bs, dl_kwargs) changes nothing: every item, in dataset order, `bs` at a time."""
+    from fastai.data.core import DataLoaders
+
+    n_train, n_valid, bs = 60, 30, 8  # neither a multiple of the batch size
+    tiny = make_tiny_learner(n_train=n_train, n_valid=n_valid)
+    train, valid = tiny.dls.train_ds.tensors, tiny.dls.valid_ds.tensors
+    if kind == "tensor-dataset":
+        learn = make_tiny_learner(n_train=n_train, n_valid=n_valid)
+        learn.dls = DataLoaders.from_dsets(TensorDataset(*train), TensorDataset(*valid), bs=16, shuffle=True,
+                                           drop_last=True, device="cpu", num_workers=0)
+    else:
+        learn = indexed_learner(*_rows(tiny), range(n_train), range(n_train, n_train + n_valid), bs=16, val_bs=16,
+                                val_shuffle=True, dl_kwargs=[{}, {"drop_last": True}])
+    assert learn.dls.valid.shuffle and learn.dls.valid.drop_last and learn.dls.valid.bs == 16
+    seen = _BatchSizes(learn.model[0])
+    feats = precompute_learner(learn, bs=bs).features
+    assert seen.sizes == [8] * 7 + [4] + [8] * 3 + [6]  # train, then valid; the last batches partial
+    assert torch.equal(feats.train_y, train[1]) and torch.equal(feats.valid_y, valid[1])
+    learn.model[0].eval()
+    with torch.no_grad():
+        assert torch.allclose(feats.train_x, learn.model[0](train[0]), atol=1e-5)
+        assert torch.allclose(feats.valid_x, learn.model[0](valid[0]), atol=1e-5)

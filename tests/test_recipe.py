@@ -268,26 +268,6 @@ def test_config_defaults_and_smoke():
     assert (scratch.freeze_to, scratch.bn_freeze) == (0, False)
 
 
-def test_rise_lr_is_where_the_smoothed_loss_passes_its_minimum_by_a_quarter():
-    from types import SimpleNamespace
-
-    from fastlesson.recipe import rise_lr
-
-    lrs = np.logspace(-7, 1, 81)  # 10 points a decade
-    wobble = 0.02 * np.sin(np.arange(81))  # a flat, noisy start: valley-style rules land anywhere on it
-    flat_then_up = np.where(lrs <= 1e-2, 0.6 + wobble, 0.6 * lrs / 1e-2)
-    res = SimpleNamespace(lrs=lrs, smoothed=flat_then_up)
-    at = rise_lr(res)
-    assert at == lrs[np.flatnonzero((lrs > 1e-2) & (flat_then_up > flat_then_up.min() * 1.25))[0]]
-    assert 1e-2 < at < 2e-2
-    assert rise_lr(SimpleNamespace(lrs=lrs, smoothed=np.full(81, 0.5))) == lrs[-1]  # never rises
-    # a low first point (noisy debiased start, outside find_lr's window) and a bump that comes back
-    # down are not the rise (seen on a 160-image data set: "rises at 1.5e-7")
-    noisy = flat_then_up.copy()
-    noisy[1], noisy[30:33] = 0.3, 0.9
-    assert rise_lr(SimpleNamespace(lrs=lrs, smoothed=noisy, window=(8, 76))) == at
-
-
 def test_freeze_to_past_the_body_is_refused_before_any_output(tmp_path):
     root = write_image_folder(tmp_path / "data")
     out = tmp_path / "run"

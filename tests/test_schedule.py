@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import numpy as np
@@ -9,13 +10,16 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
-from fastai.optimizer import OptimWrapper
+from fastai.optimizer import Optimizer, OptimWrapper, sgd_step
+from fastai.torch_core import params
 from matplotlib.figure import Figure
 
 from fastlesson.schedule import (
     SCHEDULE_KINDS,
+    ValidateAtFitEnd,
     fit_one_cycle,
     fit_sgdr,
+    fit_until_overfit,
     freeze,
     freeze_to,
     lr_groups,
@@ -69,6 +73,18 @@ def torch_cawr_lrs(n_steps, base_lr, t_0, t_mult, eta_min):
 
 
 adagrad = partial(OptimWrapper, opt=torch.optim.Adagrad)
+
+
+def lr_only_sgd(ps, lr):
+    """A fastai Optimizer with an LR and no momentum hyperparameter (plain SGD steps)."""
+    return Optimizer(ps, [sgd_step], lr=lr)
+
+
+class LrOnlyFactory:
+    """An opt_func without a __name__ (a callable object): errors name the optimizer's class instead."""
+
+    def __call__(self, ps, lr):
+        return lr_only_sgd(ps, lr)
 
 
 @pytest.fixture
@@ -126,13 +142,14 @@ def test_lr_groups(learner):
     np.testing.assert_allclose(lr_groups(learner(), 9e-3), [1e-3, 3e-3, 9e-3])
     np.testing.assert_allclose(lr_groups(learner(), 1e-2, factor=10), [1e-4, 1e-3, 1e-2])
     assert lr_groups(learner(splitter=False), 1e-2).tolist() == [1e-2]
+    assert lr_groups(learner(), 1e-2, factor=1).tolist() == [1e-2] * 3  # factor=1 (the bound): equal LRs
 
 
-@pytest.mark.parametrize("kw, name", [({"factor": 0.5}, "factor"), ({"lr_max": 0}, "lr_max"),
-                                      ({"lr_max": -1.0}, "lr_max")])
+@pytest.mark.parametrize("kw, name", [({"factor": 0.5}, "factor"), ({"factor": 0}, "factor"),
+                                      ({"lr_max": 0}, "lr_max"), ({"lr_max": -1.0}, "lr_max")])
 def test_lr_groups_bad_args(learner, kw, name):
     kw = {"lr_max": 1e-2, **kw}
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"{name}="):  # names the argument and its value
         lr_groups(learner(), **kw)
 
 
@@ -158,9 +175,18 @@ def test_freeze_to_trains_the_later_groups_and_checks_its_index(learner, capsys)
     early = learn.model[0][0]
     assert not early[0].weight.requires_grad and early[1].weight.requires_grad  # train_bn, as fastai
     assert freeze_to(learn, -1, verbose=False) == 1 and freeze_to(learn, 0, verbose=False) == 3
+    assert freeze_to(learn, -3, verbose=False) == 3  # -total is a valid index (the first group), like 0
     for n in (3, -4, 1.0, True):
         with pytest.raises(ValueError, match=r"freeze_to n=.*\[-3, 2\]"):
             freeze_to(learn, n)
+
+
+def test_freeze_and_unfreeze_work_on_a_two_group_model(learner):
+    learn = learner(splitter=False)
+    learn.splitter = lambda m: [params(m[0]), params(m[1])]  # body, head: the fewest groups allowed
+    assert freeze(learn, verbose=False) == 1
+    assert not learn.model[0][0][0].weight.requires_grad and learn.model[1][2].weight.requires_grad
+    assert unfreeze(learn, verbose=False) == 2 and freeze_to(learn, 1, verbose=False) == 1
 
 
 def test_freeze_refuses_one_group_model_where_fastai_trains_everything(learner):
@@ -193,6 +219,24 @@ def test_fit_one_cycle_adagrad_clear_error_where_fastai_keyerrors(learner):
     with pytest.raises(ValueError, match=r"Adagrad.*'mom'.*moms=None"):
         fit_one_cycle(learn, 1, 1e-2)
     assert torch.equal(w, learn.model[1][2].weight)  # refused before any step
+
+
+@pytest.mark.parametrize("opt_func, name", [(lr_only_sgd, "lr_only_sgd"), (partial(lr_only_sgd), "lr_only_sgd"),
+                                           (LrOnlyFactory(), "Optimizer")])
+def test_fit_one_cycle_error_names_an_optimizer_without_mom(learner, opt_func, name):
+    """A fastai Optimizer is named by its opt_func (unwrapping a partial), else by its class."""
+    with pytest.raises(ValueError, match=rf"\b{name}\b.*\['mom'\]"):
+        fit_one_cycle(learner(opt_func=opt_func), 1, 1e-2)
+
+
+def test_fit_one_cycle_keeps_the_optimizer_and_its_state_by_default(learner):
+    learn = learner(n_train=16)
+    learn.create_opt()
+    opt = learn.opt
+    quiet(fit_one_cycle, learn, 1, 1e-2)
+    assert learn.opt is opt  # fastai's default reset_opt=False: momentum state carries into the next fit
+    quiet(fit_one_cycle, learn, 1, 1e-2, reset_opt=True)
+    assert learn.opt is not opt
 
 
 def test_fit_one_cycle_moms_none_schedules_lr_only(learner):
@@ -253,6 +297,18 @@ def test_fit_sgdr_keeps_group_ratios_and_momentum(learner):
     assert {m for row in log.mom_log for m in row} == {learn.opt.hypers[0]["mom"]}  # momentum never moved
 
 
+def test_fit_sgdr_floor_from_lr_min_div_is_lr_max_over_it(learner):
+    learn = learner(n_train=32)
+    quiet(fit_sgdr, learn, 2, 1, 1e-2, lr_min_div=100)
+    np.testing.assert_allclose(learn.recorder.lrs, sgdr_lrs(2, 1, 2, 1e-2, lr_min=1e-4), rtol=1e-12)
+
+
+def test_fit_one_cycle_runs_the_callbacks_it_is_given(learner):
+    log = HyperLog()
+    quiet(fit_one_cycle, learner(), 1, 1e-2, cbs=log)
+    assert len(log.lrs) > 0
+
+
 def test_fit_sgdr_lets_later_callbacks_rescale_lr(learner):
     learn = learner(n_train=32)
     quiet(fit_sgdr, learn, 2, 1, 1e-2, cbs=HalveLR())
@@ -293,7 +349,9 @@ def test_fit_sgdr_snapshots_each_cycle(learner, tmp_path):
 @pytest.mark.parametrize("kw, name", [
     ({"n_cycles": 0}, "n_cycles"), ({"cycle_len": 0}, "cycle_len"), ({"cycle_len": -1}, "cycle_len"),
     ({"cycle_mult": 0.5}, "cycle_mult"), ({"lr_max": 0.0}, "lr_max"), ({"lr_max": -1e-3}, "lr_max"),
-    ({"lr_min": 1.0}, "lr_min"), ({"warmup": -1}, "warmup"), ({"start_cycle": 2}, "start_cycle"),
+    ({"lr_min": 1.0}, "lr_min=1.0 must be in \\[0, 0.01\\]"), ({"warmup": -1}, "warmup"),
+    ({"start_cycle": 2}, "start_cycle"), ({"lr_min_div": 0}, "lr_min_div"),
+    ({"lr_min_div": 10, "lr_min": 1e-4}, "either lr_min or lr_min_div"),
 ])
 def test_fit_sgdr_bad_args_name_the_argument(learner, kw, name):
     learn = learner()
@@ -325,6 +383,8 @@ def test_schedule_preview_bad_args():
         schedule_preview("step", 10, 1.0, k=1)
     with pytest.raises(ValueError, match="n_iter"):
         schedule_preview("step", 0, 1.0)
+    with pytest.raises(ValueError, match="lr_max"):
+        schedule_preview("step", 10, -1.0)
     assert set(SCHEDULE_KINDS) >= {"step", "exponential", "inverse_time", "one_cycle", "sgdr"}
 
 
@@ -338,6 +398,20 @@ def test_plot_schedules_saves_png(tmp_path):
 
 
 # ---------------------------------------------------------------- fit_until_overfit: plans and resuming
+
+def test_validate_at_fit_end_validates_the_last_epoch_only(learner):
+    learn = learner(n_train=16)
+    quiet(lambda lrn: lrn.fit(3, 1e-3, cbs=ValidateAtFitEnd()), learn)
+    # [train_loss] for the skipped epochs, [train_loss, valid_loss, accuracy] for the last
+    assert [len(v) for v in learn.recorder.values] == [1, 1, 3]
+
+
+@pytest.mark.parametrize("revised", [[1, 0], [1, -1], [1, True], [1, 1.5]])
+def test_fit_until_overfit_rejects_revised_lengths_that_are_not_whole_epochs(learner, revised):
+    with pytest.raises(ValueError, match=re.escape(f"after_cycle returned {revised!r}")):
+        quiet(fit_until_overfit, learner(n_train=16), 1e-3, epochs_max=4, baseline=float("inf"),
+              cycle_lengths=[1, 1], after_cycle=lambda progress, best: revised)
+
 
 
 def test_fit_until_overfit_runs_given_cycle_lengths_and_reports_each_cycle(tiny_learner):

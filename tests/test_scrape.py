@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import urllib.error
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ from PIL import Image, ImageFile
 
 import fastlesson.scrape.fetch as scrape_fetch
 from fastlesson.images import to_rgb
+from fastlesson.loopback import LoopbackServer
 from fastlesson.scrape import (
     STATUSES,
     DDGSBackend,
@@ -254,7 +257,7 @@ def test_near_duplicate_threshold():
 
 @pytest.mark.parametrize("w, h, reason", [
     (20000, 10000, "200000000 pixels"),  # over PIL's own hard limit (2 x 89 M px): refused at open
-    (8000, 6000, "8000x6000"),  # under PIL's limit, over our 40 M px cap: refused by our header check
+    (8000, 6000, "8000x6000 = 48000000 pixels"),  # under PIL's limit, over our 40 M px cap: our header check
 ])
 def test_bomb_is_refused_before_decoding(tmp_path, monkeypatch, w, h, reason):
     p = tmp_path / "bomb.png"
@@ -281,7 +284,52 @@ def test_too_small_and_resize(tmp_path):
     p.write_bytes(exif_rotated_jpeg())
     out = normalise_image(p, max_size=40, min_size=10)
     assert out.status == "ok" and (out.width, out.height) == (30, 40)
+    assert out.reason == "" and out.orig_size == (90, 120)  # one frame: no "first of" note
+    assert out.notes == "EXIF rotation applied; resized from 90x120"
+    assert out.sha256 == hashlib.sha256(out.data).hexdigest()  # the saved bytes, what the file is named by
+    with Image.open(io.BytesIO(out.data)) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (30, 40))
+        assert phash_distance(out.phash, str(imagehash.phash(im))) <= 4  # the hash of this very image
     assert normalise_image(p, min_size=100).status == "too_small"
+
+
+def test_too_small_and_resize_downscales_like_pil_lanczos_thumbnail(tmp_path):
+    """Fine stripes tell the filters apart: Lanczos keeps them within JPEG noise, bicubic and box do not."""
+    a = np.zeros((90, 120, 3), np.uint8)
+    a[:, ::2] = 255
+    stripes = Image.fromarray(a)
+    out = normalise_image(save(tmp_path, encode(stripes, "PNG"), "s.png"), max_size=47, min_size=8)
+    got = np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB"), np.int16)
+    diff = {}
+    for name in ("LANCZOS", "BICUBIC", "BOX"):
+        ref = stripes.copy()
+        ref.thumbnail((47, 47), getattr(Image.Resampling, name))
+        diff[name] = float(np.abs(got - np.asarray(ref, np.int16)).mean())
+    assert got.shape == (35, 47, 3) and diff["LANCZOS"] < 0.8 < diff["BICUBIC"] < diff["BOX"], diff
+
+
+def test_normalise_defaults_are_the_scraper_defaults(tmp_path):
+    """A direct call gets the limits `scripts/scrape.py` uses: 512 px longest side, 64 px shortest, 40 M px."""
+    cfg, sig = ScrapeConfig(classes=["a"]), inspect.signature(normalise_image).parameters
+    assert {k: sig[k].default for k in ("max_size", "min_size", "max_pixels")} == \
+        {"max_size": cfg.max_size, "min_size": cfg.min_size, "max_pixels": cfg.max_pixels} == \
+        {"max_size": 512, "min_size": 64, "max_pixels": 40_000_000}
+    over = normalise_image(save(tmp_path, png_bomb(754717, 53), "over.png"))  # 40_000_001 px: one too many
+    assert over.status == "bomb" and "40000001 pixels" in over.reason
+    for (w, h), want in (((512, 64), (512, 64)), ((513, 64), (512, 64)), ((600, 63), None)):
+        out = normalise_image(save(tmp_path, encode(pattern(1, size=(w, h)), "PNG"), f"{w}x{h}.png"))
+        assert (out.width, out.height) == want if want else out.status == "too_small", (w, h, out)
+
+
+def test_16bit_png_is_scaled_to_8bit_not_clipped(tmp_path):
+    data = build_routes()["/gray16.png"][2]
+    with Image.open(io.BytesIO(data)) as src:
+        assert src.mode.startswith("I")  # PIL opens it as 32-bit integer samples
+        want = np.asarray(src, np.float64) / 257  # 65535 -> 255, the independent reference
+    out = normalise_image(save(tmp_path, data, "g.png"), max_size=200, min_size=8)
+    assert out.status == "ok" and "16-bit->8-bit" in out.notes.split("; ")
+    got = np.asarray(Image.open(io.BytesIO(out.data)).convert("L"), np.float64)
+    assert got.shape == want.shape and np.abs(got - want).mean() < 3
 
 
 class FlakyBackend:
@@ -848,3 +896,141 @@ def test_settings_that_do_not_change_images_reuse_the_downloads(server, tmp_path
     first = scrape_dataset(cfg, sleep=Sleeps())
     again = scrape_dataset(replace(cfg, **change), sleep=Sleeps())
     assert again.n_fetched == 0 and [e.sha256 for e in again.entries] == [e.sha256 for e in first.entries]
+
+
+# ---------------------------------------------------------------- fetch_url's limits, one branch at a time
+
+JPEG_BODY = encode(pattern(300), quality=90)
+
+
+def padded(n: int) -> bytes:
+    """A JPEG signature padded with zeros to exactly `n` bytes (fetch_url checks only the first bytes)."""
+    return b"\xff\xd8\xff\xe0" + b"\0" * (n - 4)
+
+
+@pytest.fixture(scope="module")
+def fetch_server():
+    routes = {f"/chain/{i}": (302, {"Location": f"/chain/{i + 1}"}, b"") for i in range(6)}
+    routes.update({
+        "/chain/6": (200, {}, JPEG_BODY),
+        "/rel/a/b": (302, {"Location": "../img.jpg?q=1"}, b""),  # relative to the redirecting URL
+        "/rel/img.jpg": (200, {}, JPEG_BODY),
+        "/no-location": (302, {}, b""),
+        "/partial.jpg": (206, {}, JPEG_BODY),
+        "/busy.jpg": (429, {}, b"slow down"),
+        "/gone.jpg": (410, {}, b"gone"),
+        "/at-cap.jpg": (200, {}, padded(1000)),
+        "/over-cap.jpg": (200, {}, padded(1001)),
+        "/declared-at-cap.jpg": (200, {"Content-Length": "1000"}, padded(1000)),
+        "/declared-over-cap.jpg": (200, {"Content-Length": "1001"}, padded(1000)),
+        "/streamed-at-cap.jpg": lambda q, n: (200, {}, iter([padded(600), b"\0" * 400])),
+        "/streamed-over-cap.jpg": lambda q, n: (200, {}, iter([padded(600), b"\0" * 401])),
+    })
+    with LoopbackServer(routes) as s:
+        yield s
+
+
+def test_redirects_are_followed_up_to_the_limit(fetch_server, tmp_path):
+    assert scrape_fetch.MAX_REDIRECTS == 5
+    ok = scrape_fetch.fetch_url(fetch_server.url("/chain/1"), tmp_path)  # 5 redirects: followed
+    assert (ok.status, ok.final_url, ok.http_status) == ("ok", fetch_server.url("/chain/6"), 200)
+    assert ok.path.read_bytes() == JPEG_BODY and ok.attempts == 1
+    over = scrape_fetch.fetch_url(fetch_server.url("/chain/0"), tmp_path, sleep=Sleeps())  # 6: refused
+    assert (over.status, over.attempts) == ("redirect_loop", 1) and "more than 5 redirects" in over.reason
+    assert fetch_server.hits["/chain/6"] == 1  # the sixth hop was never requested
+    rel = scrape_fetch.fetch_url(fetch_server.url("/rel/a/b"), tmp_path)
+    assert (rel.status, rel.final_url) == ("ok", fetch_server.url("/rel/img.jpg?q=1"))
+
+
+def test_redirect_without_location_is_an_http_error(fetch_server, tmp_path):
+    sleeps = Sleeps()
+    r = scrape_fetch.fetch_url(fetch_server.url("/no-location"), tmp_path, retries=2, sleep=sleeps)
+    assert (r.status, r.http_status, r.attempts) == ("http_error", 302, 1) and "Location" in r.reason
+    assert sleeps == [] and r.path is None and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path, http_status, transient", [("/busy.jpg", 429, True), ("/gone.jpg", 410, False),
+                                                         ("/partial.jpg", 206, False)])
+def test_http_errors_are_retried_only_when_transient(fetch_server, tmp_path, path, http_status, transient):
+    sleeps = Sleeps()
+    before = fetch_server.hits[path]
+    r = scrape_fetch.fetch_url(fetch_server.url(path), tmp_path, retries=2, backoff=0.5, sleep=sleeps)
+    attempts = 3 if transient else 1
+    assert (r.status, r.http_status, r.attempts) == ("http_error", http_status, attempts)
+    assert fetch_server.hits[path] - before == attempts and sleeps == ([0.5, 1.0] if transient else [])
+    assert str(http_status) in r.reason and ("after 3 attempts" in r.reason) == transient
+    assert r.path is None and r.final_url == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/at-cap.jpg", "ok"), ("/over-cap.jpg", "too_large"),  # Content-Length from the body
+    ("/declared-at-cap.jpg", "ok"), ("/declared-over-cap.jpg", "too_large"),  # a declared length decides first
+    ("/streamed-at-cap.jpg", "ok"), ("/streamed-over-cap.jpg", "too_large"),  # no length: counted as it comes
+])
+def test_max_bytes_is_an_inclusive_cap(fetch_server, tmp_path, path, status):
+    r = scrape_fetch.fetch_url(fetch_server.url(path), tmp_path, max_bytes=1000, sleep=Sleeps())
+    assert (r.status, r.attempts) == (status, 1)
+    if status == "ok":
+        assert r.fmt == "JPEG" and r.path.stat().st_size == 1000
+    else:
+        assert "1000" in r.reason and list(tmp_path.iterdir()) == []
+
+
+def test_a_connect_timeout_and_a_stalled_body_are_timeouts(server, tmp_path, monkeypatch):
+    def no_answer(req, timeout):
+        raise urllib.error.URLError(TimeoutError("timed out"))  # how urllib reports a connect timeout
+
+    with monkeypatch.context() as m:
+        m.setattr(scrape_fetch._OPENER, "open", no_answer)
+        r = scrape_fetch.fetch_url(server.url("/good/horse/0.jpg"), tmp_path, timeout=2.5, retries=1,
+                                   sleep=Sleeps())
+    assert (r.status, r.attempts) == ("timeout", 2) and "2.5 s" in r.reason
+
+    def stalls(resp):
+        yield resp.read(100)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(scrape_fetch, "_read_chunks", stalls)
+    r = scrape_fetch.fetch_url(server.url("/good/horse/0.jpg"), tmp_path, timeout=2.5, retries=1, sleep=Sleeps())
+    assert (r.status, r.attempts) == ("timeout", 2) and "stalled for 2.5 s" in r.reason
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["ftp://x/a.jpg", "file:///etc/passwd", "x/a.jpg", "", "javascript:alert(1)"])
+def test_only_http_and_https_urls_are_fetched(tmp_path, url):
+    r = scrape_fetch.fetch_url(url, tmp_path, sleep=Sleeps())
+    assert (r.status, r.attempts, r.path) == ("bad_url", 0, None) and "http" in r.reason
+
+
+@pytest.mark.parametrize("head, words", [
+    (b"", "0 bytes"),
+    (b"<!DOCTYPE HTML PUBLIC><title>x</title>", "HTML"),
+    (b"  \n<HTML lang=en>", "HTML"),
+    (b"<?xml version='1.0'?><!-- x --><html>", "HTML"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
+    (b"\n<?xml version='1.0'?>\n<SVG width='1'/>", "SVG"),
+    (b"%PDF-1.7 and more", "b'%PDF-1.7'"),
+])
+def test_non_images_are_described(head, words):
+    assert words in scrape_fetch.describe_non_image(head)
+
+
+def test_html_past_the_first_512_bytes_is_unknown_content():
+    assert "HTML" not in scrape_fetch.describe_non_image(b"x" * 508 + b"<html>")  # "<html" ends at byte 513
+    assert "HTML" in scrape_fetch.describe_non_image(b"x" * 507 + b"<html>")  # ... at byte 512
+
+
+def test_requests_carry_the_scraper_user_agent_and_ask_for_images(tmp_path, monkeypatch):
+    """Many image hosts refuse urllib's default 'Python-urllib' agent; Accept puts images first."""
+    sent = []
+
+    def capture(req, timeout):
+        sent.append(req)
+        raise urllib.error.URLError("stop here")
+
+    monkeypatch.setattr(scrape_fetch._OPENER, "open", capture)
+    r = scrape_fetch.fetch_url("http://images.example/a.jpg", tmp_path, retries=0, sleep=Sleeps())
+    assert r.status == "network_error" and len(sent) == 1
+    headers = {k.lower(): v for k, v in sent[0].header_items()}
+    assert headers["user-agent"] == scrape_fetch.USER_AGENT and "fastlesson" in headers["user-agent"]
+    assert headers["accept"].lower().startswith("image/*")  # MIME types are case-insensitive
