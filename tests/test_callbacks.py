@@ -442,6 +442,31 @@ def test_plateau_bad_monitor_names_choices(tiny):
         PlateauLR(factor=5)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(factor=0), "factor=0"), (dict(factor=1), "factor=1"), (dict(patience=0), "patience=0"),
+    (dict(cooldown=-1), "cooldown=-1"), (dict(min_lr=-1e-3), "min_lr"), (dict(min_lr=[0.0, -1e-3]), "min_lr"),
+])
+def test_plateau_bad_arguments_name_the_value(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PlateauLR(**kw)
+
+
+def test_plateau_patience_counts_again_from_zero_after_a_reduction(tiny):
+    cb = PlateauLR(patience=2, factor=0.5)
+    tiny().fit(7, 1e-2, cbs=[FeedMonitor(FLAT), cb])
+    assert [e for e, _ in cb.reductions] == [2, 4, 6]
+
+
+def test_plateau_any_improvement_counts_by_default(tiny):
+    slowly_better = [1.0 - 1e-3 * i for i in range(6)]
+    cb = PlateauLR(patience=1)
+    tiny().fit(6, 1e-2, cbs=[FeedMonitor(slowly_better), cb])
+    assert cb.reductions == []
+    cb = PlateauLR(patience=1, min_delta=0.01)  # the same curve is a plateau at a coarser min_delta
+    tiny().fit(3, 1e-2, cbs=[FeedMonitor(slowly_better), cb])
+    assert [e for e, _ in cb.reductions] == [1, 2]
+
+
 # ---------- BestWeights ----------
 
 class FeedEarly(FeedMonitor):

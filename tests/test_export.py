@@ -80,6 +80,7 @@ def test_bundle_files_and_metadata(exported):
     assert (out / BUNDLE_WEIGHTS).is_file() and (out / "export.pkl").is_file()
     assert meta["arch"] == ARCH and meta["classes"] == ["a", "b", "c"] and meta["n_out"] == 3
     assert meta["size"] == [SIZE, SIZE] and meta["resize"]["type"] == "Resize"
+    assert meta["weights"] == BUNDLE_WEIGHTS
     mean, std = learn.model_info.mean, learn.model_info.std  # the model's own stats, not guessed
     assert np.allclose(meta["mean"], mean) and np.allclose(meta["std"], std)
     for lib in ("fastlesson", "fastai", "torch", "timm"):
@@ -701,3 +702,51 @@ def test_save_examples_label_from_the_last_pipeline(tmp_path):
     ds = Datasets(files, tfms=[[PILImage.create], [PILImage.create], [parent_label, Categorize(vocab=["a", "b"])]],
                   n_inp=2)
     assert [f.name for f in save_examples(_namespace_learner(ds), tmp_path / "run")] == ["00_a.jpg", "01_b.jpg"]
+
+
+def test_preprocessing_spec_without_normalize_is_plain_pixels():
+    from types import SimpleNamespace
+
+    from fastai.vision.augment import Normalize
+
+    from fastlesson.export import preprocessing_spec
+
+    def spec(after_batch):
+        dls = SimpleNamespace(valid=SimpleNamespace(after_item=SimpleNamespace(fs=[Resize(32)])),
+                              after_batch=SimpleNamespace(fs=after_batch), valid_ds=None)
+        return preprocessing_spec(SimpleNamespace(dls=dls))
+
+    plain = spec([])
+    assert (plain["mean"], plain["std"], plain["decode_side"]) == ([0.0] * 3, [1.0] * 3, None)
+    assert plain["resize"]["size"] == [32, 32]
+    normed = spec([Normalize.from_stats([0.5, 0.4, 0.3], [0.2, 0.25, 0.3], cuda=False)])
+    np.testing.assert_allclose(normed["mean"], [0.5, 0.4, 0.3])
+    np.testing.assert_allclose(normed["std"], [0.2, 0.25, 0.3])
+
+
+def test_load_model_from_any_file_of_the_bundle(onnx_run):
+    assert load_model(onnx_run / ONNX_FILE).backend == "onnx"
+    assert load_model(onnx_run / BUNDLE_WEIGHTS, backend="torch").backend == "torch"
+    assert load_model(onnx_run / BUNDLE_META, backend="onnx").backend == "onnx"
+    for backend in ("onnx", "torch"):  # fast_decode reaches both predictors
+        assert load_model(onnx_run, backend=backend).min_side is not None
+        assert load_model(onnx_run, backend=backend, fast_decode=False).min_side is None
+
+
+@pytest.mark.parametrize("edit, says", [(dict(n_out=5), "n_out=5 but 3"), (dict(arch=None), "lacks arch")])
+def test_bad_model_json_names_its_path(onnx_run, tmp_path, edit, says):
+    run = shutil.copytree(onnx_run, tmp_path / "run")
+    meta = json.loads((run / BUNDLE_META).read_text())
+    meta.update({k: v for k, v in edit.items() if v is not None})
+    for k in (k for k, v in edit.items() if v is None):
+        del meta[k]
+    (run / BUNDLE_META).write_text(json.dumps(meta))
+    with pytest.raises(BadModelFileError, match=says) as e:
+        load_model(run, backend="torch")
+    assert str(run / BUNDLE_META) in str(e.value)
+
+
+def test_onnx_backend_refuses_a_pickle(exported):
+    _, out, _, _ = exported
+    with pytest.raises(ValueError, match="backend='onnx' needs a run folder with model.onnx"):
+        load_model(out / "export.pkl", trust_pickle=True, backend="onnx")

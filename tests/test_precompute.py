@@ -193,6 +193,22 @@ def test_bad_arguments(tiny_learner, kw, match):
         precompute_head(tiny_learner(), **kw)
 
 
+def test_head_learner_trains_with_the_learners_settings(tiny_learner):
+    from functools import partial
+
+    from fastai.optimizer import SGD
+
+    learn = tiny_learner()
+    learn.opt_func, learn.wd_bn_bias, learn.train_bn = partial(SGD, mom=0.8), True, False
+    learn.model_dir = "elsewhere"
+    head = precompute_learner(learn)
+    assert head.opt_func is learn.opt_func and head.loss_func is learn.loss_func
+    assert (head.wd_bn_bias, head.train_bn, head.model_dir, head.wd, head.moms) == (
+        True, False, "elsewhere", learn.wd, learn.moms)
+    res = precompute_head(learn, 1)
+    assert isinstance(res.seconds_train, float) and res.seconds_train > 0
+
+
 def test_needs_body_head_model(tiny_learner):
     learn = tiny_learner()
     learn.model = nn.Sequential(*learn.model[0], learn.model[1])

@@ -303,9 +303,10 @@ def test_fit_sgdr_floor_from_lr_min_div_is_lr_max_over_it(learner):
     np.testing.assert_allclose(learn.recorder.lrs, sgdr_lrs(2, 1, 2, 1e-2, lr_min=1e-4), rtol=1e-12)
 
 
-def test_fit_one_cycle_runs_the_callbacks_it_is_given(learner):
+@pytest.mark.parametrize("moms", [(0.95, 0.85, 0.95), None])  # fastai's path, and the LR-only one
+def test_fit_one_cycle_runs_the_callbacks_it_is_given(learner, moms):
     log = HyperLog()
-    quiet(fit_one_cycle, learner(), 1, 1e-2, cbs=log)
+    quiet(fit_one_cycle, learner(), 1, 1e-2, moms=moms, cbs=log)
     assert len(log.lrs) > 0
 
 

@@ -1034,3 +1034,27 @@ def test_requests_carry_the_scraper_user_agent_and_ask_for_images(tmp_path, monk
     headers = {k.lower(): v for k, v in sent[0].header_items()}
     assert headers["user-agent"] == scrape_fetch.USER_AGENT and "fastlesson" in headers["user-agent"]
     assert headers["accept"].lower().startswith("image/*")  # MIME types are case-insensitive
+
+
+def test_a_server_that_hangs_up_is_a_network_error_and_https_is_accepted(tmp_path):
+    import threading
+
+    with socket.socket() as srv:  # accepts, then closes without a status line
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def hang_up():
+            for _ in range(2):  # the first try and the retry
+                conn, _ = srv.accept()
+                conn.recv(1024)
+                conn.close()
+
+        t = threading.Thread(target=hang_up, daemon=True)
+        t.start()
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/x.jpg"
+        r = scrape_fetch.fetch_url(url, tmp_path, retries=1, sleep=lambda s: None)
+        t.join(10)
+    assert (r.status, r.attempts) == ("network_error", 2) and "RemoteDisconnected" in r.reason
+    https = scrape_fetch.fetch_url(refused_url().replace("http:", "https:"), tmp_path, retries=0)
+    assert https.status == "network_error"  # tried, not refused as a bad URL
+    assert list(tmp_path.iterdir()) == []
