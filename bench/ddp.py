@@ -7,7 +7,8 @@
 Each run trains the same thing: tf_efficientnet_lite0 (ImageNet weights), the same data, split and global
 batch (`--bs`, split evenly over the processes: bs/N per process), `--head-epochs` epochs of the head
 (body frozen) then `--full-epochs` epochs with layer groups 1-2 unfrozen (10x lower LR per earlier group),
-SGDR with one cycle per phase, the body's BatchNorm frozen and held (as the recipe does). Each process gets half of
+SGDR with one cycle per phase, the body's BatchNorm frozen and held (as the recipe does), the head's
+BatchNorm synchronized over the processes (`--no-sync-bn`: per process, as before). Each process gets half of
 every global batch (fastlesson.distributed.DistributedDL), so the 2-process run sees the same items per
 optimizer step as the 1-process one; gradients are averaged, so only the augmentation draws and float
 summation order differ. Printed: validation accuracy and loss (all validation images, gathered), training
@@ -48,6 +49,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-head", type=float, default=2e-3, help="head LR of the first phase [2e-3]")
     p.add_argument("--lr-full", type=float, default=5e-4, help="head-group LR of the second phase [5e-4]")
     p.add_argument("--no-aug", action="store_true", help="no random augmentation (deterministic inputs)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm over the global batch under DDP (fastlesson's default; --no-sync-bn: each "
+                        "process its own half batch's statistics) [on]")
     p.add_argument("--procs", default="1,2", help="process counts to compare [1,2]")
     p.add_argument("--seed", type=int, default=42)
     # internal: one process of a torchrun run
@@ -121,7 +125,7 @@ def worker(a: argparse.Namespace) -> None:
     hold(body_bn)  # as the recipe does: BnFreeze then keeps the body's BatchNorm in eval mode throughout
     clock = TrainClock()
     t_all = time.perf_counter()
-    with ddp.distrib_ctx(learn, sync_bn=False):
+    with ddp.distrib_ctx(learn, sync_bn=a.sync_bn):
         ddp.seed_per_process(a.seed)
         if a.head_epochs:
             fit_sgdr(learn, n_cycles=1, cycle_len=a.head_epochs, lr_max=a.lr_head, cbs=[clock, BnFreeze()])
@@ -156,7 +160,7 @@ def run(a: argparse.Namespace, data: Path, n: int, tmp: Path) -> dict:
            "FASTLESSON_DIST_TIMEOUT_S": "600"}
     args = ["--data", str(data), "--size", a.size, "--bs", a.bs, "--head-epochs", a.head_epochs,
             "--full-epochs", a.full_epochs, "--lr-head", a.lr_head, "--lr-full", a.lr_full, "--seed", a.seed,
-            *(["--no-aug"] if a.no_aug else []), "--worker", result]
+            *(["--no-aug"] if a.no_aug else []), "--sync-bn" if a.sync_bn else "--no-sync-bn", "--worker", result]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            str(Path(__file__).resolve()), *map(str, args)]
     print(f"\n$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} torchrun --standalone --nproc_per_node={n} bench/ddp.py ...",
@@ -171,14 +175,17 @@ def run(a: argparse.Namespace, data: Path, n: int, tmp: Path) -> dict:
     return res
 
 
-def _max_weight_diff(a: str, b: str) -> tuple[float, str]:
-    """Largest |difference| over the floating-point tensors of two state_dicts, and where it is."""
+def _max_weight_diff(a: str, b: str) -> tuple[float, str, float, str]:
+    """Largest |difference| over the floating-point tensors of two state_dicts and where it is; and the largest
+    relative one (max |a - b| / max |a| per tensor: running variances are large numbers) and where."""
     import torch
 
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    diffs = {k: float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].is_floating_point()}
-    k = max(diffs, key=diffs.get)
-    return diffs[k], k
+    keys = [k for k in sa if sa[k].is_floating_point()]
+    diffs = {k: float((sa[k].double() - sb[k].double()).abs().max()) for k in keys}
+    rel = {k: diffs[k] / max(float(sa[k].double().abs().max()), 1e-12) for k in keys}
+    k, kr = max(diffs, key=diffs.get), max(rel, key=rel.get)
+    return diffs[k], k, rel[kr], kr
 
 
 def main(argv=None) -> None:
@@ -193,9 +200,11 @@ def main(argv=None) -> None:
         if a.per_class:
             data = subsample(data, a.per_class, tmp / "data")
         results = [run(a, data, n, tmp) for n in procs]
-        diff, where = _max_weight_diff(results[0]["weights"], results[-1]["weights"]) if len(results) > 1 else (0.0, "")
+        diff, where, rel, rel_where = (_max_weight_diff(results[0]["weights"], results[-1]["weights"])
+                                       if len(results) > 1 else (0.0, "", 0.0, ""))
     print(f"\nDDP on CPU: {ARCH}, {a.size} px, global batch {a.bs}, {a.head_epochs} head + {a.full_epochs} "
           f"unfrozen epoch(s), augmentation {'off' if a.no_aug else 'on'}, "
+          f"BatchNorm {'synchronized over the processes' if a.sync_bn else 'per process'}, "
           f"{results[0]['n_train']} train / {results[0]['n_valid']} valid images")
     print(f"{'processes':>9} {'threads':>7} {'bs/proc':>7} {'accuracy':>8} {'val loss':>8} {'train s':>8} "
           f"{'img/s':>7} {'wall s':>7}  weights identical on all ranks")
@@ -209,7 +218,7 @@ def main(argv=None) -> None:
         print(f"accuracy difference {100 * (rn['accuracy'] - r1['accuracy']):+.1f} points; img/s ratio "
               f"{(rn['train_items'] / rn['train_seconds']) / (r1['train_items'] / r1['train_seconds']):.2f}x; "
               f"largest |weight difference| between the {r1['processes']}- and {rn['processes']}-process models "
-              f"{diff:.2e} ({where})")
+              f"{diff:.2e} ({where}); largest relative {rel:.1%} ({rel_where})")
     print(env_summary(repeats=1))
 
 

@@ -21,8 +21,12 @@ What fastai 2.8.12's ``learn.distrib_ctx()`` lacks, fixed here through the same 
   cuda tensors"): on CPU it fails with "Found no NVIDIA driver". Here the broadcast runs on the device
   of the process group's backend: gloo on CPU tensors, nccl on the process's GPU.
 - ``sync_bn=True`` is the default, and torch's ``SyncBatchNorm`` refuses CPU tensors (ValueError).
-  Here ``sync_bn=None`` means "on CUDA only"; the swap is undone after each fit (fastai leaves
-  SyncBatchNorm layers in the model, which fastai's ``BnFreeze`` then no longer recognises).
+  Here ``sync_bn=True`` (the default too) synchronizes BatchNorm through the process group's backend,
+  gloo on CPU and nccl on GPU: a BatchNorm layer in training mode normalizes with the mean and variance
+  of the global batch (all-reduced in the forward pass, its gradient terms all-reduced in the backward
+  pass: torch's SyncBatchNorm formula), so N processes train as one process on the global batch would.
+  The layers are not swapped (fastai's swap leaves SyncBatchNorm layers in the model, which fastai's
+  ``BnFreeze`` then no longer recognises): their forward is replaced for the fit and put back after.
 - On CPU, ``Accelerator()`` without ``cpu=True`` sees no distributed setup under torchrun and does not
   wrap the model: each process would train alone. Here ``cpu=True`` is passed when there is no GPU.
 - ``accelerate launch --cpu --num_processes 2`` starts one process (Accelerate issue 2741: ``--cpu``
@@ -64,7 +68,7 @@ __all__ = ["DEFAULT_TIMEOUT_S", "LR_RULE", "DistributedDL", "DistributedTrainer"
            "broadcast_object", "comm_device", "describe", "detach_distributed", "distrib_ctx", "gather_shards",
            "in_distrib_ctx", "init_distributed", "is_distributed", "is_main_process", "local_rank",
            "main_process_first", "mean_across_ranks", "quiet_unless_main", "rank", "seed_per_process", "shard_dl",
-           "teardown_distributed", "to_distributed", "trainer_cbs", "world_size"]
+           "synced_batch_norm", "teardown_distributed", "to_distributed", "trainer_cbs", "world_size"]
 
 DEFAULT_TIMEOUT_S = 1800  # s a collective may wait for the other processes (rank 0 writing the report...)
 TIMEOUT_ENV = "FASTLESSON_DIST_TIMEOUT_S"
@@ -172,11 +176,13 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def describe(bs: int) -> dict:
-    """World size, backend, per-process and global batch, and the LR rule: for metrics.json."""
+def describe(bs: int, sync_bn: bool = True) -> dict:
+    """World size, backend, per-process and global batch, the LR rule, how BatchNorm trains: for metrics.json."""
     n = world_size()
+    bn = ("one process" if n == 1 else "synchronized: the global batch's statistics" if sync_bn
+          else "per process: each process's own batch's statistics")
     return {"world_size": n, "backend": dist.get_backend() if is_distributed() else None,
-            "bs_per_process": bs, "global_bs": bs * n, "lr_rule": LR_RULE}
+            "bs_per_process": bs, "global_bs": bs * n, "lr_rule": LR_RULE, "batchnorm": bn}
 
 
 @contextmanager
@@ -348,7 +354,7 @@ def shard_dl(dl):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the model: DDP with the plain model's state_dict keys, SyncBatchNorm undone after the fit
+# the model: DDP with the plain model's state_dict keys, BatchNorm synchronized for the fit
 
 
 class _PlainKeysDDP(DistributedDataParallel):
@@ -361,23 +367,81 @@ class _PlainKeysDDP(DistributedDataParallel):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dev = comm_device()
+    return _AllReduceSum.apply(t.to(dev)).to(t.device) if t.device != dev else _AllReduceSum.apply(t)
+
+
+def synced_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`bn`'s forward pass with the statistics of the global batch (every process's `x` together).
+
+    The mean (with the row count), then the variance around it, are all-reduced sums (two small collectives
+    per layer), so
+    the result is the same on every process; autograd all-reduces their gradients back, which gives
+    torch's SyncBatchNorm backward. Running statistics are updated as ``nn.BatchNorm`` does (unbiased
+    variance of the global batch). In eval mode (running statistics) or with one process: `bn` as it is.
+    """
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if not (use_batch_stats and is_distributed()):
+        return type(bn).forward(bn, x)
+    bn._check_input_dim(x)
+    if x.shape[1] != bn.num_features:
+        raise ValueError(f"{type(bn).__name__}({bn.num_features}) got input with {x.shape[1]} channels")
+    dims = [0, *range(2, x.ndim)]
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    xf = x.float()
+    local = x.numel() // x.shape[1]
+    sums = _all_reduce_sum(torch.cat([xf.sum(dims), xf.new_tensor([float(local)])]))  # batches may differ in size
+    n = float(sums[-1])
+    if n <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {int(n)} over "
+                         f"{world_size()} processes (input size {list(x.shape)})")
+    mean = sums[:-1] / n
+    xc = xf - mean.reshape(shape)
+    var = _all_reduce_sum((xc * xc).sum(dims)) / n  # biased, as BatchNorm normalizes
+    if bn.training and bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), m)
+            bn.running_var.lerp_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype), m)
+    y = xc * torch.rsqrt(var + bn.eps).reshape(shape)
+    if bn.affine:
+        y = y * bn.weight.float().reshape(shape) + bn.bias.float().reshape(shape)
+    return y.to(x.dtype)
+
+
+def _synced_forward(self, x):
+    return synced_batch_norm(self, x)
+
+
 def _to_sync_bn(model: nn.Module) -> list:
-    """Swap every BatchNorm layer for a SyncBatchNorm sharing its parameters and buffers; returns what
-    ``_restore_bn`` needs to put the originals back."""
-    swaps = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, _BN_TYPES):
-                sync = nn.SyncBatchNorm.convert_sync_batchnorm(child)  # a new module, same tensors
-                setattr(parent, name, sync)
-                swaps.append((parent, name, child, sync))
-    return swaps
+    """Make every BatchNorm layer of `model` normalize over the global batch (``synced_batch_norm``) until
+    ``_restore_bn``: the layers stay where and what they are (same module, parameters and buffers, so
+    isinstance checks such as fastai's BnFreeze still see them); only their forward is replaced."""
+    layers = [m for m in model.modules() if isinstance(m, _BN_TYPES) and "forward" not in m.__dict__]
+    for m in layers:
+        m.forward = _synced_forward.__get__(m)
+    return layers
 
 
-def _restore_bn(swaps: list) -> None:
-    for parent, name, orig, sync in swaps:
-        orig.train(sync.training)
-        setattr(parent, name, orig)
+def _restore_bn(layers: list) -> None:
+    for m in layers:
+        m.__dict__.pop("forward", None)
 
 
 @torch.no_grad()
@@ -396,20 +460,16 @@ def _sync_buffers(model: nn.Module) -> None:
 class DistributedTrainer(_FastaiDistributedTrainer):
     """fastai's ``DistributedTrainer`` (DDP through Accelerate, ``DistributedDL`` loaders), working on CPU.
 
-    ``sync_bn``: None -> SyncBatchNorm on CUDA only (torch has no CPU SyncBatchNorm). Other keyword
-    arguments go to ``accelerate.Accelerator`` (``cpu=True`` is the default without a GPU, and
-    ``mixed_precision='no'``: fastai's own MixedPrecision callback does AMP).
+    ``sync_bn`` (default True, as fastai's): BatchNorm layers in training mode use the statistics of the
+    global batch (``synced_batch_norm``), on CPU (gloo) and GPU (nccl) alike; False: each process its own
+    batch's. Other keyword arguments go to ``accelerate.Accelerator`` (``cpu=True`` is the default
+    without a GPU, and ``mixed_precision='no'``: fastai's own MixedPrecision callback does AMP).
     """
 
     order = 11  # fastai's: after MixedPrecision, before the schedulers read len(dls.train)
 
-    def __init__(self, sync_bn: bool | None = None, **kwargs):
+    def __init__(self, sync_bn: bool = True, **kwargs):
         cuda = torch.cuda.is_available()
-        if sync_bn is None:
-            sync_bn = cuda
-        if sync_bn and not cuda:
-            raise ValueError("sync_bn=True needs CUDA: torch's SyncBatchNorm refuses CPU tensors; pass "
-                             "sync_bn=None (SyncBatchNorm on GPUs only) or False")
         kwargs.setdefault("cpu", not cuda)
         kwargs.setdefault("mixed_precision", "no")
         super().__init__(sync_bn=sync_bn, **kwargs)
@@ -476,7 +536,7 @@ def _collective_error(e: BaseException) -> bool:
 
 
 @contextmanager
-def distrib_ctx(learn, sync_bn: bool | None = None, timeout_s: float | None = None, **accelerator_kwargs):
+def distrib_ctx(learn, sync_bn: bool = True, timeout_s: float | None = None, **accelerator_kwargs):
     """Inside the block `learn` trains data-parallel over the launched processes; a no-op with one.
 
     Joins the process group first (``init_distributed``). Only rank 0 keeps its progress bar and
@@ -499,7 +559,7 @@ def distrib_ctx(learn, sync_bn: bool | None = None, timeout_s: float | None = No
         detach_distributed(learn)
 
 
-def to_distributed(learn, sync_bn: bool | None = None, **accelerator_kwargs):
+def to_distributed(learn, sync_bn: bool = True, **accelerator_kwargs):
     """Make `learn` train data-parallel from now on (``distrib_ctx`` without the block); a no-op with
     one process or when it already is. Ranks other than 0 lose their progress bar."""
     if init_distributed() <= 1 or any(isinstance(c, _FastaiDistributedTrainer) for c in learn.cbs):

@@ -3,6 +3,7 @@
     torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR [train|kill|stall]
     torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR recipe DATA_DIR RUN_DIR
     torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR recipe-kill|recipe-resume DATA_DIR RUN_DIR
+    torchrun --standalone --nproc_per_node=2 tests/_ddp_worker.py OUT_DIR syncbn
 
 Trains the tiny 3-group CNN of _tiny.py inside ``distrib_ctx``: find_lr, the head on precomputed
 activations (with an on-disk cache), SGDR with fastlesson's EarlyStopping and NonFiniteGuard, then
@@ -13,7 +14,9 @@ itself (SIGKILL) in the second batch of SGDR training; ``stall``: it sleeps ther
 ``recipe``: ``scripts/recipe.py --smoke`` on DATA_DIR into RUN_DIR, the audit hook watching RUN_DIR; each
 process writes its exit status and what it wrote to OUT_DIR/rank<r>.json. ``recipe-kill``: run_recipe
 with two SGDR cycles in step 8, rank 1 SIGKILLs itself once the checkpoint after the first is written;
-``recipe-resume``: resume_recipe(RUN_DIR) under two processes.
+``recipe-resume``: resume_recipe(RUN_DIR) under two processes. Mode ``syncbn``: BatchNorm synchronized over
+the processes (``_to_sync_bn``) against one process's plain BatchNorm on the whole batch: outputs, input and
+parameter gradients, running statistics; each process writes the largest differences to OUT_DIR/rank<r>.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 
+from fastlesson import distributed as fd
 from fastlesson.callbacks import EarlyStopping, NonFiniteGuard
 from fastlesson.distributed import (
     distrib_ctx,
@@ -195,6 +199,59 @@ def recipe_resume(out: Path, mode: str, data: str, run: Path) -> None:
              "distributed": res.metrics["distributed"]}))
 
 
+def syncbn(out: Path) -> None:
+    """Two steps: an even split with a mean loss (what DDP trains: local means, gradients averaged), then an
+    uneven one (5 and 11 rows) with a sum loss; then an eval pass on the running statistics."""
+    import copy
+
+    import torch.distributed as dist
+    from torch import nn
+
+    init_distributed()
+    r, n = rank(), world_size()
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6, momentum=None))  # None: a cumulative average
+    ours = copy.deepcopy(ref)
+    ours[0].to(memory_format=torch.channels_last)
+    layers = fd._to_sync_bn(ours)
+    err: dict = {"n_layers": len(layers)}
+
+    def worst(key, a, b):
+        err[key] = max(err.get(key, 0.0), float((a - b).detach().abs().max()))
+
+    for step, (cuts, reduce) in enumerate([([8, 8], "mean"), ([5, 11], "sum")]):
+        x = torch.randn(16, 3, 8, 8) * (2 + step) + 1  # the same global batch on every process
+        y = torch.randn(16, 6)
+        for m in (ref, ours):
+            m.zero_grad()
+        xr = x.clone().requires_grad_()
+        out_ref = ref(xr)
+        getattr((out_ref - y) ** 2, reduce)().backward()
+        lo, hi = sum(cuts[:r]), sum(cuts[:r + 1])
+        xo = x[lo:hi].clone().to(memory_format=torch.channels_last).requires_grad_()
+        y_ours = ours(xo)
+        getattr((y_ours - y[lo:hi]) ** 2, reduce)().backward()
+        k = n if reduce == "mean" else 1  # the global mean is the mean of the processes' means
+        for p in ours.parameters():  # what DDP does: average (mean loss) the processes' gradients
+            dist.all_reduce(p.grad)
+            p.grad /= k
+        worst("out", y_ours, out_ref[lo:hi])
+        worst("grad_x", xo.grad, xr.grad[lo:hi] * k)
+        for pr, po in zip(ref.parameters(), ours.parameters()):
+            worst("grad_params", po.grad, pr.grad)
+        for br, bo in zip(ref.buffers(), ours.buffers()):
+            worst("running_stats", bo.double(), br.double())
+    ref.eval(), ours.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        worst("eval_out", ours(x), ref(x))
+    fd._restore_bn(layers)
+    err["restored"] = not any("forward" in m.__dict__ for m in ours.modules())
+    (out / f"rank{r}.json").write_text(json.dumps(err))
+    teardown_distributed()
+
+
 def _dump_stacks_on_sigterm(out: Path) -> None:
     """When torchrun stops this process (another one failed), its Python stack goes to
     OUT_DIR/stack-rank<r>.txt: a failed test then shows where every process was, not only the failed one."""
@@ -208,6 +265,8 @@ if __name__ == "__main__":
     _dump_stacks_on_sigterm(Path(sys.argv[1]))
     if sys.argv[2:3] == ["recipe"]:
         recipe(Path(sys.argv[1]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[2:3] == ["syncbn"]:
+        syncbn(Path(sys.argv[1]))
     elif sys.argv[2].startswith("recipe-"):
         recipe_resume(Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
     else:

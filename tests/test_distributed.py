@@ -145,7 +145,7 @@ def test_recipe_smoke_under_two_processes_writes_one_run_folder_from_rank_0(tmp_
     metrics = json.loads((run / "metrics.json").read_text())
     d = metrics["distributed"]
     assert (d["world_size"], d["backend"], d["bs_per_process"], d["global_bs"]) == (2, "gloo", 8, 16)
-    assert d["lr_rule"].startswith("not scaled")
+    assert d["lr_rule"].startswith("not scaled") and d["batchnorm"].startswith("synchronized")
     assert all(metrics["lr_find"][k]["stop_reason"] != "failed" for k in ("head", "full"))  # both suggested
     assert proc.stdout.count("Step 8/8") == 1  # one log: rank 0's
 
@@ -195,8 +195,7 @@ def test_fastai_unpatched_fails_on_cpu(gloo_group):
     # fixed: the same loader broadcasting on the gloo backend's device, every item once
     ours = fd.DistributedDL(learn.dls.train, rank=0, world_size=1)
     assert sum(len(b[1]) for b in ours) == len(learn.dls.train_ds)
-    with pytest.raises(ValueError, match="sync_bn=True needs CUDA"):
-        fd.DistributedTrainer(sync_bn=True)
+    assert fd.DistributedTrainer().sync_bn is True  # ours: synchronized BatchNorm on CPU too (gloo)
 
 
 @pytest.mark.parametrize("n, drop_last, per_rank", [(40, False, 24), (40, True, 16), (48, False, 24)])
@@ -214,14 +213,28 @@ def test_items_are_dealt_out_in_global_batches(monkeypatch, n, drop_last, per_ra
     assert set(shards[0] + shards[1]) == set(range(n if not drop_last else per_rank * 2))  # padding repeats the first items
 
 
-def test_sync_bn_swap_is_undone_and_keeps_the_tensors():
+def test_sync_bn_keeps_the_layers_and_is_undone():
     model = TinyCNN()
     bn = model[0][0][1]
-    swaps = fd._to_sync_bn(model)
-    assert len(swaps) == 2 and isinstance(model[0][0][1], nn.SyncBatchNorm)
-    assert model[0][0][1].weight is bn.weight and model[0][0][1].running_mean is bn.running_mean
-    fd._restore_bn(swaps)
-    assert model[0][0][1] is bn and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    layers = fd._to_sync_bn(model)
+    assert len(layers) == 2 and model[0][0][1] is bn and "forward" in bn.__dict__  # the same module, synced
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())  # fastai's BnFreeze still sees it
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    assert torch.allclose(model(x), fd._restore_bn(layers) or model(x))  # one process: plain BatchNorm
+    assert "forward" not in bn.__dict__
+
+
+def test_synchronized_batchnorm_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """Each process holds part of the batch (8+8, then 5+11 rows, channels-last): outputs, input and
+    parameter gradients and running statistics are those of plain BatchNorm on the whole batch."""
+    proc = torchrun([WORKER, tmp_path, "syncbn"])
+    assert proc.returncode == 0, failure(proc, tmp_path)
+    for r in (0, 1):
+        err = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert err.pop("n_layers") == 2 and err.pop("restored") is True
+        assert set(err) == {"out", "grad_x", "grad_params", "running_stats", "eval_out"}
+        assert max(err.values()) < 1e-4, err
 
 
 def test_accelerate_cpu_launcher_starts_one_process_and_multi_gpu_flag_starts_n(tmp_path):
@@ -287,7 +300,7 @@ def test_gpu_one_process_nccl_group_broadcasts_on_the_gpu(tmp_path):
         dl = fd.DistributedDL(learn.dls.train, rank=0, world_size=1)
         batches = list(dl)
         assert sum(len(b[1]) for b in batches) == N_TRAIN and batches[0][0].is_cuda
-        assert fd.DistributedTrainer().sync_bn is True  # SyncBatchNorm by default on CUDA only
+        assert fd.DistributedTrainer().sync_bn is True  # synchronized BatchNorm (nccl)
     finally:
         dist.destroy_process_group()
 
