@@ -93,6 +93,7 @@ class RecipeConfig:
     precompute: bool = True  # step 3 on cached body activations (False: full forward passes)
     pretrained: bool = True  # ImageNet weights for the body (False: train from scratch)
     hard_mining: float | None = None  # fraction of each batch up-weighted x2 (HardExampleMining); None off
+    label_smoothing: float = 0.0  # fastai's label-smoothing cross-entropy with this eps (0: plain cross-entropy)
     smoke: bool = False  # tiny, seconds-long run with every step and output (for tests)
     # epochs of step 3. The lesson says 1-2, but on the cache an epoch costs a few percent of a real one;
     # on flowers102-small (lite0, 160 px, the step-2 LR) 2 epochs reach 73% and 8 reach 85% validation
@@ -142,6 +143,9 @@ class RecipeConfig:
              f"an integer >= {MIN_LR_FIND_ITERS}"),
             ("hard_mining", self.hard_mining, self.hard_mining is None or 0 < self.hard_mining <= 1,
              "a fraction in (0, 1], e.g. 0.25, or None"),
+            ("label_smoothing", self.label_smoothing,
+             isinstance(self.label_smoothing, (int, float)) and not isinstance(self.label_smoothing, bool)
+             and 0 <= self.label_smoothing < 1, "a number in [0, 1), e.g. 0.1 (0: plain cross-entropy)"),
             ("opt", self.opt, str(self.opt).lower() in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("budget", self.budget, self.budget is None or (isinstance(self.budget, (int, float))
                                                            and not isinstance(self.budget, bool)
@@ -395,7 +399,8 @@ def step_data(state: RecipeState) -> dict:
         data = load_data(cfg.data, size=cfg.size, bs=cfg.bs, seed=cfg.seed, valid_pct=cfg.valid_pct,
                          num_workers=cfg.num_workers)
     dls = data.dls
-    learn = create_learner(dls, arch=cfg.arch, pretrained=cfg.pretrained, opt_func=opt_func(cfg.opt))
+    learn = create_learner(dls, arch=cfg.arch, pretrained=cfg.pretrained, opt_func=opt_func(cfg.opt),
+                           label_smoothing=cfg.label_smoothing)
     learn.add_cbs([state.log, state.clock])
     # data-parallel from here on: every fit, find_lr, body pass and get_preds; BatchNorm layers that train
     # (the head's; the body's too without bn_freeze) use the global batch's statistics (sync_bn), so N

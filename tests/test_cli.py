@@ -74,10 +74,11 @@ def test_recipe_flags_reach_the_config():
     assert parse([]) == RecipeConfig()  # no arguments: the offline default (sample data, lite0)
     cfg = parse(["--data", "flowers", "--arch", "resnet34", "--size", "224", "--bs", "16", "--opt", "ranger",
                  "--epochs-max", "15", "--seed", "1", "--out", "o", "--no-precompute", "--no-pretrained",
-                 "--hard-mining", "0.25", "--lr-factor", "10", "--no-tta", "--valid-every-epoch", "--smoke"])
+                 "--hard-mining", "0.25", "--lr-factor", "10", "--no-tta", "--valid-every-epoch", "--smoke",
+                 "--label-smoothing", "0.1"])
     assert cfg == RecipeConfig(data="flowers", arch="resnet34", size=224, bs=16, opt="ranger", epochs_max=15,
                                seed=1, out="o", precompute=False, pretrained=False, hard_mining=0.25,
-                               lr_factor=10.0, tta=False, valid_every_epoch=True, smoke=True)
+                               lr_factor=10.0, tta=False, valid_every_epoch=True, smoke=True, label_smoothing=0.1)
 
 
 def test_recipe_smoke_makes_every_output(smoke_run):
@@ -175,7 +176,7 @@ def non_default(name: str):
     if base is int:
         return [flag, str(default + 1)], default + 1
     if base is float:
-        value = 0.5 if default is None else default / 2
+        value = 0.5 if not default else default / 2  # None or 0.0: some other fraction
         return [flag, str(value)], value
     return [flag, "some-value"], "some-value"
 

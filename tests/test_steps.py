@@ -67,6 +67,22 @@ def test_step_data_builds_a_frozen_learner_and_the_run_folder(walk):
     assert "Step 1/8" in printed["data"] and r["n_skipped"] == 0
 
 
+def test_label_smoothing_reaches_the_learner_and_the_run_config(tmp_path, walk):
+    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+
+    state, *_ = walk
+    assert isinstance(state.learn.loss_func, CrossEntropyLossFlat)  # the default: plain cross-entropy
+    data = write_image_folder(tmp_path / "data")
+    smoothed = start_recipe(RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"), label_smoothing=0.1))
+    with contextlib.redirect_stdout(io.StringIO()):
+        recipe.step_data(smoothed)
+    loss = smoothed.learn.loss_func
+    assert isinstance(loss, LabelSmoothingCrossEntropyFlat) and loss.func.eps == pytest.approx(0.1)
+    assert json.loads((smoothed.out / "config.json").read_text())["label_smoothing"] == 0.1
+    with pytest.raises(ValueError, match="RecipeConfig.label_smoothing=1"):
+        RecipeConfig(label_smoothing=1).effective()
+
+
 def test_step_lr_find_head_picks_an_lr_and_leaves_the_weights(walk):
     state, res, before, after, _ = walk
     r = res["lr_find_head"]
