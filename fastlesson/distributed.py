@@ -390,9 +390,8 @@ def synced_batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`bn`'s forward pass with the statistics of the global batch (every process's `x` together).
 
     The mean (with the row count), then the variance around it, are all-reduced sums (two small collectives
-    per layer), so
-    the result is the same on every process; autograd all-reduces their gradients back, which gives
-    torch's SyncBatchNorm backward. Running statistics are updated as ``nn.BatchNorm`` does (unbiased
+    per layer), so the result is the same on every process; autograd all-reduces their gradients back,
+    which gives torch's SyncBatchNorm backward. Running statistics are updated as ``nn.BatchNorm`` does (unbiased
     variance of the global batch). In eval mode (running statistics) or with one process: `bn` as it is.
     """
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
