@@ -5,6 +5,8 @@
     python bench/seed_cifar10.py --train-limit 1000          # a fixed 1000 images per class (reproducible)
     python bench/seed_cifar10.py --train-limit 0 --threads 1  # all 50,000 images, 1 seed: 104 min measured (2 cores, shared)
     python bench/seed_cifar10.py --seeds 2 --train-limit 0    # 2 seeds on all 50,000 images (~2-3.5 h on 2 CPU cores)
+    python bench/seed_cifar10.py --train-limit 0 --first-seed 1 --merge runs/seed0/results.json
+                                                 # a second seed in another session, merged with the first
     python bench/seed_cifar10.py --opt sgd       # the other optimizer the seed could have used
     python bench/seed_cifar10.py --ours          # + #3 with small_cnn's default (2 convs per block + BN)
 
@@ -275,6 +277,30 @@ def claims(configs: list[SeedConfig], results: list[dict]) -> list[str]:
     return out
 
 
+# the settings that must agree for results of several runs to share one table
+SAME = ("data", "train_limit", "test_limit", "opt", "init", "epochs", "dropout")
+
+
+def write_results(args, results: list[dict]) -> None:
+    atomic_write_text(args.out / "results.json", json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+
+
+def load_results(path: Path, args) -> list[dict]:
+    """An earlier run's results.json for --merge; refused when it was run with other settings."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        old, results = saved["args"], saved["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--merge {path}: not a results.json of this bench ({e}); give the file "
+                         f"bench/seed_cifar10.py wrote in its --out folder") from None
+    differ = [f"{k}={old.get(k)} (this run: {getattr(args, k)})" for k in SAME if old.get(k) != str(getattr(args, k))]
+    if differ:
+        raise ValueError(f"--merge {path}: run with other settings: {', '.join(differ)}; merge only runs "
+                         f"of the same settings")
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DATA, help="train/ and test/ class folders of 32 px images")
@@ -284,6 +310,9 @@ def main(argv=None):
     p.add_argument("--budget-min", type=float, default=BUDGET_MIN, help="minutes --train-limit auto aims at")
     p.add_argument("--test-limit", type=int, default=0, help="images per class of test/ (0 = all)")
     p.add_argument("--seeds", type=int, default=SEEDS, help="repeats per configuration")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1")
+    p.add_argument("--merge", type=Path, nargs="+", default=[],
+                   help="results.json files of earlier runs (other seeds, same settings) to add to the table")
     p.add_argument("--configs", nargs="+", default=[c.name.lstrip("#") for c in SEED_TABLE],
                    help="which of the seed's columns to run, e.g. 1 3")
     p.add_argument("--opt", choices=["adam", "sgd"], default="adam")
@@ -303,9 +332,9 @@ def main(argv=None):
         except ValueError:
             raise ValueError(f"--train-limit {args.train_limit!r}: give a number of images per class, "
                              f"0 for all, or auto") from None
-    if args.seeds < 1 or (args.train_limit != "auto" and args.train_limit < 0) or args.test_limit < 0:
+    if args.seeds < 1 or args.first_seed < 0 or (args.train_limit != "auto" and args.train_limit < 0) or args.test_limit < 0:
         raise ValueError(f"--seeds {args.seeds} / --train-limit {args.train_limit} / --test-limit "
-                         f"{args.test_limit}: need seeds >= 1 and limits >= 0 (0 = all)")
+                         f"{args.test_limit}: need seeds >= 1, first seed >= 0 and limits >= 0 (0 = all)")
     names = {c.name.lstrip("#") for c in SEED_TABLE}
     if not set(args.configs) <= names:
         raise ValueError(f"--configs {args.configs}: choose among {sorted(names)}")
@@ -331,6 +360,11 @@ def main(argv=None):
         print(f"  --train-limit auto -> {args.train_limit or 'all'} images per class fit --budget-min "
               f"{args.budget_min:g} (rerun with --train-limit {args.train_limit} to repeat this size)")
     per_class = args.train_limit or 5000
+    merged = [r for f in args.merge for r in load_results(f, args)]
+    again = sorted({r["seed"] for r in merged} & set(range(args.first_seed, args.first_seed + args.seeds)))
+    if again:
+        raise ValueError(f"--merge: seed(s) {again} are in the merged results already; run others with "
+                         f"--first-seed {max(r['seed'] for r in merged) + 1}")
     n_train, n_valid = split_sizes(per_class)
     print(f"  projected for this run: ~{projected_seconds(configs, per_image, per_class, n_test, args.seeds) / 60:.0f}"
           f" min (+ ~1 min to decode the images)", flush=True)
@@ -345,31 +379,32 @@ def main(argv=None):
     t0 = time.perf_counter()
     classes, (xt, yt), test = load_cifar(resolve_data(args.data), args.train_limit, args.test_limit)
     print(f"decoded {len(yt)} train + {len(test[1])} test images in {time.perf_counter() - t0:.0f} s", flush=True)
-    results = []
-    for seed in range(args.seeds):
+    results = list(merged)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         train, valid = split_train(xt, yt, TRAIN_PCT, seed=seed)
         for cfg in configs:
             r = run_one(cfg, (classes, train, valid, test), seed, args)
             results.append(r)
             print(f"{cfg.name} seed {seed}: test {100 * r['test_acc']:.2f}%, train/valid loss "
                   f"{r['train_loss'][-1]:.3f}/{r['valid_loss'][-1]:.3f}, {r['seconds']:.0f} s", flush=True)
+            write_results(args, results)  # after every configuration: an interrupted run keeps what it finished
+    args.seeds = len({r["seed"] for r in results})  # the table's "N seeds" counts merged ones too
 
     text = "\n".join([
         f"## Seed CIFAR-10 table: the seed's numbers and ours ({len(train[1])} train / {len(valid[1])} valid "
         f"images, {len(test[1])} test" + (f"; --train-limit {args.train_limit} images per class, the seed "
                                           f"trained on 40,000" if args.train_limit else "") + ")\n",
         seed_table(configs, results, args),
-        "\nPer-epoch train / valid loss (seed 0; train loss is fastai's smoothed loss at the epoch's end, "
+        f"\nPer-epoch train / valid loss (seed {results[0]['seed']}; train loss is fastai's smoothed loss at the epoch's end, "
         "with dropout active):\n", epoch_table(configs, results),
         "\nThe seed's claims, checked:\n", *[f"- {line}" for line in claims(configs, results)],
         f"\ntotal {sum(r['seconds'] for r in results) / 60:.1f} min of training; command: "
         f"python bench/seed_cifar10.py {' '.join(argv if argv is not None else sys.argv[1:])}",
         env_summary(repeats=args.seeds), ""])
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "table.md", text)
-    atomic_write_text(args.out / "results.json", json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+    write_results(args, results)
     print(f"written: {args.out / 'table.md'}, {args.out / 'results.json'}")
 
 

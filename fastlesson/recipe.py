@@ -93,7 +93,9 @@ class RecipeConfig:
     precompute: bool = True  # step 3 on cached body activations (False: full forward passes)
     pretrained: bool = True  # ImageNet weights for the body (False: train from scratch)
     hard_mining: float | None = None  # fraction of each batch up-weighted x2 (HardExampleMining); None off
-    label_smoothing: float = 0.0  # fastai's label-smoothing cross-entropy with this eps (0: plain cross-entropy)
+    # label smoothing: on flowers102-small (lite0, 160 px, --budget 12, seeds 42 and 1) 0.1 gave 91.2% and
+    # 91.3% against 89.6% and 90.6% with plain cross-entropy (+1.2 points; with flip TTA +0.9: +2.3, -0.6)
+    label_smoothing: float = 0.1  # fastai's label-smoothing cross-entropy with this eps (0: plain cross-entropy)
     smoke: bool = False  # tiny, seconds-long run with every step and output (for tests)
     # epochs of step 3. The lesson says 1-2, but on the cache an epoch costs a few percent of a real one;
     # on flowers102-small (lite0, 160 px, the step-2 LR) 2 epochs reach 73% and 8 reach 85% validation

@@ -231,10 +231,12 @@ def write_report(out_dir, config: dict, metrics: dict, plots: dict[str, str]) ->
     """report.md: headline numbers, a per-step table and every plot, all with relative links."""
     out_dir = Path(out_dir)
     final = metrics.get("final", {})
+    eps = config.get("label_smoothing") or 0
+    loss = f" (label-smoothed cross-entropy, eps {eps:g})" if eps else ""
     lines = [f"# fastlesson recipe run: {config.get('data')} / {config.get('arch')}", ""]
     lines += [
         f"**Validation accuracy {_fmt(final.get('accuracy'), True)}** "
-        f"(with TTA {_fmt(final.get('accuracy_tta'), True)}), valid loss {_fmt(final.get('valid_loss'))}, "
+        f"(with TTA {_fmt(final.get('accuracy_tta'), True)}), valid loss {_fmt(final.get('valid_loss'))}{loss}, "
         f"{final.get('n_valid', '-')} validation images, {final.get('n_classes', '-')} classes; "
         f"{_fmt(metrics.get('seconds_total'))} s in total on {metrics.get('device', '-')}.", ""]
     if metrics.get("skipped"):

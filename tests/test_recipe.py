@@ -352,7 +352,9 @@ def test_history_csv_and_report(tmp_path):
                          "n_classes": 2}, "seconds_total": 5.0, "device": "CPU"}
     md = report.write_report(tmp_path, {"data": "d", "arch": "a"}, metrics, {"losses": "losses.png"}).read_text()
     assert "87.5%" in md and "90.0%" in md and "| 4 | train the head | 0.001 |" in md
-    assert "![losses](losses.png)" in md
+    assert "![losses](losses.png)" in md and "label-smoothed" not in md
+    md = report.write_report(tmp_path, {"data": "d", "arch": "a", "label_smoothing": 0.1}, metrics, {}).read_text()
+    assert "valid loss 0.75 (label-smoothed cross-entropy, eps 0.1)" in md  # the loss the numbers are in
 
 
 def test_step4_trains_the_head_with_the_body_exactly_frozen(tiny_learner):

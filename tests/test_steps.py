@@ -71,14 +71,17 @@ def test_label_smoothing_reaches_the_learner_and_the_run_config(tmp_path, walk):
     from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 
     state, *_ = walk
-    assert isinstance(state.learn.loss_func, CrossEntropyLossFlat)  # the default: plain cross-entropy
-    data = write_image_folder(tmp_path / "data")
-    smoothed = start_recipe(RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"), label_smoothing=0.1))
-    with contextlib.redirect_stdout(io.StringIO()):
-        recipe.step_data(smoothed)
-    loss = smoothed.learn.loss_func
+    loss = state.learn.loss_func  # the default: label smoothing 0.1
     assert isinstance(loss, LabelSmoothingCrossEntropyFlat) and loss.func.eps == pytest.approx(0.1)
-    assert json.loads((smoothed.out / "config.json").read_text())["label_smoothing"] == 0.1
+    assert json.loads((state.out / "config.json").read_text())["label_smoothing"] == 0.1
+    data = write_image_folder(tmp_path / "data")
+    for eps, kind in ((0.2, LabelSmoothingCrossEntropyFlat), (0.0, CrossEntropyLossFlat)):
+        other = start_recipe(RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / f"run{eps}"),
+                                          label_smoothing=eps))
+        with contextlib.redirect_stdout(io.StringIO()):
+            recipe.step_data(other)
+        assert type(other.learn.loss_func) is kind  # 0: fastai's plain cross-entropy
+        assert json.loads((other.out / "config.json").read_text())["label_smoothing"] == eps
     with pytest.raises(ValueError, match="RecipeConfig.label_smoothing=1"):
         RecipeConfig(label_smoothing=1).effective()
 
