@@ -77,14 +77,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from fastlesson.recipe import RecipeConfig
 
-    default_smoothing = RecipeConfig.label_smoothing
     data = resolve_data(args.data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.limit:
             data = subsample(data, args.limit, Path(tmp) / "data")
         for budget in ([] if args.skip_default else [None]) + list(args.budgets):
-            for ls in args.label_smoothing or [default_smoothing]:
+            for ls in args.label_smoothing or [RecipeConfig.label_smoothing]:
                 name = ("default" if budget is None else f"budget{budget:g}") + (f"_ls{ls:g}" if ls else "")
                 try:
                     rows.append(run_one(data, Path(args.keep or tmp) / name, budget, args, ls))
