@@ -21,6 +21,7 @@ FINISH_FIXED_S = 5.0  # s: plots, report.md, the bundle and export.pkl, besides 
 MAX_HEAD_CYCLES = 3  # step 4 gets at most this many cycles from spare time (the lesson: 2-3)
 MAX_FULL_CYCLES = 5  # step 8: at most 1 + 2 + 4 + 8 + 16 epochs however long the budget
 MAX_FULL_EPOCHS = 2 ** MAX_FULL_CYCLES - 1  # the most epochs a plan of step 8 can hold (31)
+CYCLE_RULES = ("doubling", "long")  # how step 8's budget becomes SGDR cycles (see _grow_cycles)
 
 
 @dataclass
@@ -66,8 +67,21 @@ def _total(parts: dict) -> float:
     return sum(parts.values())
 
 
-def _grow_cycles(fits, cycles: list[int]) -> list[int]:
-    """Doubling cycles (1, 2, 4, ...) while they fit, then one last shorter whole cycle if one does."""
+def _grow_cycles(fits, cycles: list[int], rule: str = "doubling") -> list[int]:
+    """The cycles of step 8 that fit, continuing `cycles` (those planned or trained so far).
+
+    "doubling": cycles of 1, 2, 4, ... epochs while they fit, then one last shorter whole cycle if one
+    does (the lesson's SGDR, cycle_mult=2). "long": the first 1-epoch cycle (it measures step 8's epochs),
+    then everything that fits in one more cycle, so the LR anneals once over the whole budget instead of
+    restarting at each doubling; nothing after that second cycle.
+    """
+    if rule not in CYCLE_RULES:
+        raise ValueError(f"rule={rule!r} is unknown; use one of {', '.join(CYCLE_RULES)}")
+    if rule == "long":
+        if len(cycles) != 1:
+            return list(cycles)
+        n = next((n for n in range(MAX_FULL_EPOCHS - cycles[0], 0, -1) if fits(cycles + [n])), None)
+        return list(cycles) if n is None else cycles + [n]
     while len(cycles) < MAX_FULL_CYCLES and fits(cycles + [2 * cycles[-1]]):
         cycles = cycles + [2 * cycles[-1]]
     if len(cycles) < MAX_FULL_CYCLES:
@@ -78,13 +92,13 @@ def _grow_cycles(fits, cycles: list[int]) -> list[int]:
 
 
 def plan_budget(budget_s: float, t: Timings, precompute_epochs: int, head_cycles: int,
-                valid_every_epoch: bool = False, head_fixed: bool = False) -> BudgetPlan:
+                valid_every_epoch: bool = False, head_fixed: bool = False, rule: str = "doubling") -> BudgetPlan:
     """The plan that ends the whole run within `budget_s` (planning to SAFETY of it).
 
     Greedy, in order: the minimal recipe (1 epoch of step 3, 1 cycle of step 4, one 1-epoch cycle in
     step 8; a ValueError naming the shortest budget when even that does not fit); then step 3's
     epochs and step 4's cycles up to the config's (`precompute_epochs`, `head_cycles`); then whole
-    step-8 SGDR cycles (doubling, then one shorter last cycle); then spare time to more head cycles
+    step-8 SGDR cycles (`rule`, see _grow_cycles); then spare time to more head cycles
     (up to MAX_HEAD_CYCLES). `head_fixed`: steps 3-4 are done (their counts are given, cost 0 in `t`);
     then only step 8 is planned and a budget already spent still gets its one cycle.
     """
@@ -105,7 +119,7 @@ def plan_budget(budget_s: float, t: Timings, precompute_epochs: int, head_cycles
             p += 1
         while h < head_cycles and fits_with(p, h + 1, [1]):
             h += 1
-    cycles = _grow_cycles(lambda c: fits_with(p, h, c), [1])
+    cycles = _grow_cycles(lambda c: fits_with(p, h, c), [1], rule)
     while not head_fixed and h < max(head_cycles, MAX_HEAD_CYCLES) and fits_with(p, h + 1, cycles):
         h += 1
     parts = _cost(t, 0 if head_fixed else p, 0 if head_fixed else h, cycles, valid_every_epoch)
@@ -113,10 +127,11 @@ def plan_budget(budget_s: float, t: Timings, precompute_epochs: int, head_cycles
                       planned_s=_total(parts), parts_s=parts)
 
 
-def replan_full(budget_s: float, t: Timings, done: list[int], valid_every_epoch: bool = False) -> BudgetPlan:
+def replan_full(budget_s: float, t: Timings, done: list[int], valid_every_epoch: bool = False,
+                rule: str = "doubling") -> BudgetPlan:
     """After step 8's cycles `done` (their time is in `t.spent`; `t.full_epoch` measured on them): the
-    whole cycles that still fit, doubling on from the last one trained, then one shorter; `done` alone
-    when none does. Called after every cycle, so an epoch estimate that was off (step 7's range-test
+    whole cycles that still fit by `rule` ("doubling": on from the last one trained, then one shorter;
+    "long": after the first cycle, one cycle of all that fits); `done` alone when none does. Called after every cycle, so an epoch estimate that was off (step 7's range-test
     batches predict step 8's epochs only to ~10%) is corrected while there is time left to use."""
     if not done:
         raise ValueError("replan_full needs the cycles already trained (done=[]): plan step 8 with plan_budget")
@@ -127,7 +142,7 @@ def replan_full(budget_s: float, t: Timings, done: list[int], valid_every_epoch:
         return {"spent": t.spent, "full_sgdr": _full_s(t, cycles[len(done):], valid_every_epoch),
                 "finish": t.finish}
 
-    cycles = _grow_cycles(lambda c: _total(parts(c)) <= limit, done)
+    cycles = _grow_cycles(lambda c: _total(parts(c)) <= limit, done, rule)
     p = parts(cycles)
     return BudgetPlan(budget_s=float(budget_s), precompute_epochs=0, head_cycles=0, full_cycles=cycles,
                       planned_s=_total(p), parts_s=p)

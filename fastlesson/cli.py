@@ -263,12 +263,13 @@ RECIPE_ALIASES = {"--train-bn": ("bn_freeze", False)}  # today's flag: = --no-bn
 
 def recipe_parser(prog: str = "fastlesson-recipe") -> argparse.ArgumentParser:
     """The recipe's parser: every RecipeConfig field, plus --resume RUN_DIR."""
+    from fastlesson.budget import CYCLE_RULES
     from fastlesson.loggers import LOGGERS
     from fastlesson.optim import OPTIMIZERS
     from fastlesson.recipe import RecipeConfig
 
     names = {f.name for f in dataclasses.fields(RecipeConfig)}
-    choices = {"opt": OPTIMIZERS, **({"log": LOGGERS} if "log" in names else {})}
+    choices = {"opt": OPTIMIZERS, "budget_cycles": CYCLE_RULES, **({"log": LOGGERS} if "log" in names else {})}
     p = config_parser(RecipeConfig, prog=prog, description=RECIPE_DESCRIPTION, choices=choices,
                       aliases=RECIPE_ALIASES, metavars={"hard_mining": "FRACTION"})
     p.add_argument("--resume", metavar="RUN_DIR", default=None,

@@ -121,6 +121,9 @@ class RecipeConfig:
     num_workers: int = 0  # DataLoader worker processes (0 = in-process, safest on small machines)
     top_losses: int = 9  # images in the top-losses plot
     budget: float | None = None  # minutes for the whole run, export included; None = no time limit
+    # how a budget becomes step 8's SGDR cycles: doubling = 1, 2, 4, ... epochs (the lesson's cycle_mult=2,
+    # re-planned after each cycle); long = 1 epoch (to measure the epoch time), then one cycle of all that fits
+    budget_cycles: str = "doubling"  # with --budget, step 8's cycles: doubling | long (1 epoch, then one long cycle)
     keep_checkpoints: bool = False  # keep RUN/checkpoint/ after the run completes (default: removed)
     log: str | None = None  # also log epochs with fastai's logger: csv | tensorboard | wandb
 
@@ -154,6 +157,8 @@ class RecipeConfig:
                                                            and math.isfinite(self.budget) and self.budget > 0),
              "a number of minutes > 0, e.g. 12, or None"),
             ("log", self.log, self.log is None or self.log in LOG_KINDS, f"one of {', '.join(LOG_KINDS)} or None"),
+            ("budget_cycles", self.budget_cycles, self.budget_cycles in budgets.CYCLE_RULES,
+             f"one of {', '.join(budgets.CYCLE_RULES)}"),
         ]
         for name, value, ok, fix in checks:
             if not ok:
@@ -644,7 +649,7 @@ def _plan_head(state: RecipeState) -> None:
     cfg = state.cfg
     t = _timings(state)
     plan = budgets.plan_budget(60 * cfg.budget, t, cfg.precompute_epochs, cfg.head_cycles,
-                               valid_every_epoch=cfg.valid_every_epoch)
+                               valid_every_epoch=cfg.valid_every_epoch, rule=cfg.budget_cycles)
     plan = ddp.broadcast_object(plan)  # data-parallel: rank 0's plan (timings differ a little per process)
     state.precompute_epochs, state.head_cycles = plan.precompute_epochs, plan.head_cycles
     state.budget["first"] = {**plan.as_dict(), "timings": _rounded(dataclasses.asdict(t))}
@@ -659,7 +664,7 @@ def _plan_full(state: RecipeState) -> None:
     cfg = state.cfg
     t = _timings(state)
     plan = budgets.plan_budget(60 * cfg.budget, t, state.precompute_epochs, state.head_cycles,
-                               valid_every_epoch=cfg.valid_every_epoch, head_fixed=True)
+                               valid_every_epoch=cfg.valid_every_epoch, head_fixed=True, rule=cfg.budget_cycles)
     plan = ddp.broadcast_object(plan)  # data-parallel: every process trains rank 0's cycles
     state.full_cycles = plan.full_cycles
     state.budget["full"] = {**plan.as_dict(), "timings": _rounded(dataclasses.asdict(t))}
@@ -679,7 +684,8 @@ def _after_full_cycle(state: RecipeState, n_passes: tuple[int, int]) -> list[int
             state.times["valid"] = float(np.mean(clock.valid_passes[n_passes[1]:]))
         done = state.full_cycles[:state.progress.cycles]
         plan = ddp.broadcast_object(budgets.replan_full(60 * cfg.budget, _timings(state), done,
-                                                        valid_every_epoch=cfg.valid_every_epoch))
+                                                        valid_every_epoch=cfg.valid_every_epoch,
+                                                        rule=cfg.budget_cycles))
         if plan.full_cycles != state.full_cycles and state.progress.reason is None:
             print(f"  budget re-plan after cycle {len(done)} (step 8 epochs measured at "
                   f"~{state.times['full_epoch_train']:.0f} s): cycles {', '.join(map(str, plan.full_cycles))}; "

@@ -93,6 +93,31 @@ def test_replan_after_a_cycle_uses_the_measured_epoch_time():
         replan_full(budget, T, [])
 
 
+def test_long_rule_is_one_epoch_then_one_cycle_of_all_that_fits():
+    t = Timings(spent=0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=10, valid=0, finish=0)
+    plan = plan_budget(200 / SAFETY, t, precompute_epochs=1, head_cycles=1, head_fixed=True, rule="long")
+    assert plan.full_cycles == [1, 19]  # doubling would give 1, 2, 4, 8, 5
+    assert plan_budget(200 / SAFETY, t, 1, 1, head_fixed=True).full_cycles == [1, 2, 4, 8, 5]
+    assert plan.planned_s == pytest.approx(200.0)
+    huge = plan_budget(10_000, t, 1, 1, head_fixed=True, rule="long")
+    assert huge.full_cycles == [1, MAX_FULL_EPOCHS - 1]  # the same bound as doubling's 1 + 2 + 4 + 8 + 16
+    assert plan_budget(15 / SAFETY, t, 1, 1, head_fixed=True, rule="long").full_cycles == [1]  # 2nd does not fit
+
+
+def test_long_rule_replans_the_long_cycle_after_the_first_and_nothing_after_it():
+    budget = 300.0 / SAFETY
+    for full_epoch, expect in ((10.0, [1, 24]), (20.0, [1, 12]), (400.0, [1])):
+        t = Timings(spent=50.0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=full_epoch,
+                    valid=0.0, finish=10.0)
+        assert replan_full(budget, t, [1], rule="long").full_cycles == expect, full_epoch
+    early = Timings(spent=100.0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=1.0, valid=0.0,
+                    finish=0.0)
+    assert replan_full(budget, early, [1, 5], rule="long").full_cycles == [1, 5]  # time left, no restart
+    assert replan_full(budget, early, [1, 5]).full_cycles[:3] == [1, 5, 10]  # doubling would restart
+    with pytest.raises(ValueError, match="rule='halving' is unknown; use one of doubling, long"):
+        replan_full(budget, early, [1], rule="halving")
+
+
 def test_valid_every_epoch_costs_a_validation_per_epoch():
     t = Timings(spent=0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=10, valid=5, finish=0)
     ends = plan_budget(42 / SAFETY, t, 1, 1, head_fixed=True)  # 1 + 2 epochs, 2 validations: 40 s
@@ -153,6 +178,35 @@ def test_recipe_with_budget_plans_prints_and_records(tmp_path, monkeypatch):
     assert b["planned"]["precompute_epochs"] == res.config.precompute_epochs  # smoke: 1, all it asks
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Time budget" in md and "| planned |" in md and "| actual |" in md
+
+
+def test_recipe_with_the_long_rule_plans_one_long_cycle_after_the_first(tmp_path, monkeypatch):
+    """--budget-cycles long: step 8 planned as 1 epoch + one cycle of what fits, that cycle re-planned
+    from cycle 1's measured epoch time, and no restart after it (fixed timings, no clock)."""
+    import fastlesson.recipe as recipe
+
+    from _recipe_helpers import write_image_folder
+
+    fixed = Timings(spent=1.0, precompute_epoch=0.1, head_epoch=1.0, lr_find_full=1.0, full_epoch=0.5,
+                    valid=0.1, finish=0.5)  # step 8 from 2.5 s: (1 + 5) * 0.5 + 2 * 0.1 = 3.2 s fits 5.7
+    measured = Timings(spent=3.0, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=0.25,
+                       valid=0.1, finish=0.5)  # after cycle 1: 2.2 s left, 8 epochs of 0.25 s + a validation
+    monkeypatch.setattr(recipe, "_timings", lambda state: measured if "full_epoch_train" in state.times else fixed)
+    data = write_image_folder(tmp_path / "data")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = recipe.run_recipe(recipe.RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"),
+                                                    budget=5.7 / SAFETY / 60, budget_cycles="long"))
+    b = res.metrics["budget"]
+    assert b["step8_plan"]["full_cycles"] == [1, 5]
+    assert "SGDR cycles of 1, 5 epoch(s)" in buf.getvalue()
+    assert b["replans"][0] == {"after_cycle": 1, "full_cycles": [1, 8], "planned_s": pytest.approx(5.6)}
+    assert all(r["full_cycles"] == [1, 8] for r in b["replans"][1:])  # no third cycle, whatever time is left
+    assert next(s for s in res.steps if s["name"] == "full_sgdr")["cycles"] <= 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["budget_cycles"] == "long"
+    with pytest.raises(ValueError, match="RecipeConfig.budget_cycles='halving' is not valid: use one of "
+                                         "doubling, long"):
+        recipe.RecipeConfig(budget_cycles="halving").validate()
 
 
 def test_recipe_with_a_too_short_budget_stops_before_training(tmp_path, monkeypatch):

@@ -250,6 +250,7 @@ def test_config_parser_types_and_defaults(capsys):
     (["--size", "big"], ["--size", "'big'"]),
     (["--opt", "adamw"], ["--opt", "'adamw'", "invalid choice", "ranger"]),
     (["--log", "tb"], ["--log", "'tb'", "tensorboard"]),
+    (["--budget-cycles", "halving"], ["--budget-cycles", "'halving'", "doubling, long"]),
     (["--no-such-flag"], ["--no-such-flag"]),
     (["--resume", "runs/x", "--size", "64"], ["--resume", "--size"]),
 ])
