@@ -160,7 +160,7 @@ def one_error_line(err: str) -> str:
 
 
 RECIPE_FIELDS = [f.name for f in dataclasses.fields(RecipeConfig)]
-CHOICES = {"opt": "ranger", "log": "csv"}
+CHOICES = {"opt": "ranger", "log": "csv", "budget_cycles": "long"}
 
 
 def non_default(name: str):
