@@ -82,16 +82,23 @@ def _wait_for_cycle_checkpoint(p: subprocess.Popen, out: Path, timeout: float = 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An uninterrupted run and a run killed with SIGKILL in step 8's second cycle, then resumed."""
+    """An uninterrupted run and a run killed with SIGKILL in step 8's second cycle, then resumed.
+
+    The two runs start together (one thread each, so they use the two cores and do not slow each other's
+    arithmetic, and their results do not depend on what else runs)."""
     root = tmp_path_factory.mktemp("resume")
     data = write_image_folder(root / "data", n_train=24, n_valid=4)
     a, b = root / "a", root / "b"
-    pa = _run(data, a)
-    _finish(pa, root / "a.log")
-    pb = _run(data, b)
-    doc = _wait_for_cycle_checkpoint(pb, b)
-    os.kill(pb.pid, signal.SIGKILL)
-    assert pb.wait(timeout=60) == -signal.SIGKILL
+    pa, pb = _run(data, a), _run(data, b)
+    try:
+        doc = _wait_for_cycle_checkpoint(pb, b)
+        os.kill(pb.pid, signal.SIGKILL)
+        assert pb.wait(timeout=60) == -signal.SIGKILL
+        _finish(pa, root / "a.log")
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
     assert not (b / "metrics.json").exists()  # really killed before the end
     pr = _python(f"resume_recipe({str(b)!r})", root / "resume.log")
     _finish(pr, root / "resume.log")
