@@ -35,6 +35,7 @@ class Timings:
     full_epoch: float  # the training pass of one unfrozen epoch (step 8)
     valid: float  # one validation pass
     finish: float  # final evaluation (with TTA), plots, report and export
+    full_epoch_small: float | None = None  # progressive resizing: a step-8 training pass at the smaller size
 
 
 @dataclass
@@ -53,8 +54,12 @@ class BudgetPlan:
 
 
 def _full_s(t: Timings, cycles: list[int], valid_every_epoch: bool) -> float:
+    """Step 8's cycles `cycles` (the plan's last ones); with progressive resizing every cycle but the
+    plan's last trains at the smaller size."""
     passes = sum(cycles) if valid_every_epoch else len(cycles)
-    return sum(cycles) * t.full_epoch + passes * t.valid
+    if t.full_epoch_small is None or not cycles:
+        return sum(cycles) * t.full_epoch + passes * t.valid
+    return sum(cycles[:-1]) * t.full_epoch_small + cycles[-1] * t.full_epoch + passes * t.valid
 
 
 def _cost(t: Timings, p: int, h: int, cycles: list[int], valid_every_epoch: bool) -> dict:
@@ -149,12 +154,16 @@ def replan_full(budget_s: float, t: Timings, done: list[int], valid_every_epoch:
 
 
 def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_train: int, n_valid: int,
-                     precompute: bool, lr_find_iters: int, tta_passes: int) -> Timings:
+                     precompute: bool, lr_find_iters: int, tta_passes: int,
+                     small_ratio: float | None = None) -> Timings:
     """Timings from what the recipe measured so far (`m`, seconds; missing keys are estimated):
     spent, body_pass (step 2's cached body pass over train + valid; body_forward: the body's forward
     calls in it, preferred), head_batch (a step-2 range-test
     batch), head_epoch_train / valid (step 4 measured), full_batch (a step-7 range-test batch),
-    lr_find_full_done (True once step 7 ran), full_epoch_train (step 8's training passes, measured)."""
+    lr_find_full_done (True once step 7 ran), full_epoch_train (step 8's training passes, measured).
+    `small_ratio`: progressive resizing, (small size / size)**2; then full_epoch_small is
+    full_epoch_train_small (measured) or that fraction of a full-size epoch (convolutions scale with the
+    pixels: lite0 at 128 vs 160 px, 0.66 of the time per batch on 2 CPU cores)."""
     frac_valid = n_valid / max(1, n_train + n_valid)
     # the body's forward time in step 2's pass, when measured: the pass's wall time also holds the first
     # decode of every image (full-size photos, before the decode cache), which later epochs do not pay
@@ -172,7 +181,14 @@ def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_trai
         head_train = m.get("head_epoch_train", m["head_batch"] * n_train_batches)
         pre = head_train + valid
     full_batch = m.get("full_batch", FULL_OVER_FROZEN * head_train / max(1, n_train_batches))
+    full_epoch = m.get("full_epoch_train", full_batch * n_train_batches)
+    small = None
+    if small_ratio is not None:
+        small = m.get("full_epoch_train_small", small_ratio * full_epoch)
+        if "full_epoch_train" not in m and "full_epoch_train_small" in m:  # the bigger of two estimates
+            full_epoch = max(full_epoch, small / small_ratio)
     return Timings(spent=m.get("spent", 0.0), precompute_epoch=pre, head_epoch=head_train + valid,
                    lr_find_full=0.0 if m.get("lr_find_full_done") else lr_find_iters * full_batch,
-                   full_epoch=m.get("full_epoch_train", full_batch * n_train_batches), valid=valid,
-                   finish=valid * (FINISH_VALID_PASSES + tta_passes * AUG_OVERHEAD) + FINISH_FIXED_S)
+                   full_epoch=full_epoch, valid=valid,
+                   finish=valid * (FINISH_VALID_PASSES + tta_passes * AUG_OVERHEAD) + FINISH_FIXED_S,
+                   full_epoch_small=small)

@@ -5,6 +5,7 @@
 - `EarlyStopping`: early stopping that can restore the best weights.
 - `BestCheckpoint`: atomic best-model saving that never overwrites the best with a worse or NaN model.
 - `NonFiniteGuard`: stops training *before* an optimizer step applies a non-finite loss or gradient.
+- `ProgressiveResize`: progressive resizing, training batches shrunk to a smaller size while asked to.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import ParamScheduler
@@ -24,7 +26,8 @@ from fastai.callback.tracker import TrackerCallback
 
 from fastlesson._io import atomic_write
 
-__all__ = ["HardExampleMining", "PlateauLR", "BestWeights", "EarlyStopping", "BestCheckpoint", "NonFiniteGuard"]
+__all__ = ["HardExampleMining", "PlateauLR", "BestWeights", "EarlyStopping", "BestCheckpoint", "NonFiniteGuard",
+           "ProgressiveResize"]
 
 
 def _supports_reduction(loss_func) -> bool:
@@ -377,3 +380,37 @@ class NonFiniteGuard(Callback):
         for p in self.learn.model.parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 self._stop("gradient")
+
+
+class ProgressiveResize(Callback):
+    """Progressive resizing (fast.ai's DAWNBench recipe): while `active()` is true, every training batch is
+    resized to `size` px (bilinear, antialiased) after the data pipeline's crops and augmentation, so the
+    model trains on smaller inputs, faster, and validation stays at the data's size.
+
+    Resizing the augmented batch (as fastxtend's ProgressiveResize does) keeps the crops' content what
+    the data pipeline made, and it needs no second set of DataLoaders. `active` is asked at the start of each
+    training pass; `small` records its answer for every pass (the recipe times the two sizes apart).
+    """
+
+    order = 1  # after fastai's ChannelsLast (-1), before the model sees the batch
+    run_valid = False
+
+    def __init__(self, size: int, active=lambda: True):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise ValueError(f"size={size!r} must be an image side in pixels (int >= 8), e.g. 128")
+        self.size, self.active, self.small = size, active, []
+
+    def before_train(self):
+        self._on = bool(self.active())
+        self.small.append(self._on)
+
+    def before_batch(self):
+        if not getattr(self, "_on", False) or not self.training:
+            return
+        x = self.learn.xb[0]
+        if x.ndim != 4 or tuple(x.shape[-2:]) == (self.size, self.size):
+            return
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        small = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        self.learn.xb = (small.contiguous(memory_format=fmt), *self.learn.xb[1:])

@@ -39,7 +39,7 @@ from fastlesson import checkpoint as ckpt
 from fastlesson import distributed as ddp
 from fastlesson import report
 from fastlesson._io import save_png, write_json
-from fastlesson.callbacks import BestWeights
+from fastlesson.callbacks import BestWeights, ProgressiveResize
 from fastlesson.data import load_data
 from fastlesson.env import device_text
 from fastlesson.export import (
@@ -124,6 +124,10 @@ class RecipeConfig:
     # how a budget becomes step 8's SGDR cycles: doubling = 1, 2, 4, ... epochs (the lesson's cycle_mult=2,
     # re-planned after each cycle); long = 1 epoch (to measure the epoch time), then one cycle of all that fits
     budget_cycles: str = "doubling"  # with --budget, step 8's cycles: doubling | long (1 epoch, then one long cycle)
+    # progressive resizing (fast.ai's DAWNBench recipe): every step-8 SGDR cycle but the last trains on
+    # batches resized to this many px (faster epochs, so more of them fit a budget); the last cycle and
+    # every validation are at `size`
+    progressive: int | None = None  # px: step 8's cycles before the last train at this smaller size (None: off)
     keep_checkpoints: bool = False  # keep RUN/checkpoint/ after the run completes (default: removed)
     log: str | None = None  # also log epochs with fastai's logger: csv | tensorboard | wandb
 
@@ -159,6 +163,10 @@ class RecipeConfig:
             ("log", self.log, self.log is None or self.log in LOG_KINDS, f"one of {', '.join(LOG_KINDS)} or None"),
             ("budget_cycles", self.budget_cycles, self.budget_cycles in budgets.CYCLE_RULES,
              f"one of {', '.join(budgets.CYCLE_RULES)}"),
+            ("progressive", self.progressive, self.progressive is None or (
+                isinstance(self.progressive, int) and not isinstance(self.progressive, bool)
+                and 16 <= self.progressive < self.size),
+             f"a size in px from 16 to below size={self.size} (e.g. {max(16, self.size * 4 // 5)}), or None"),
         ]
         for name, value, ok, fix in checks:
             if not ok:
@@ -348,6 +356,7 @@ class RecipeState:
     progress: OverfitProgress | None = None  # step 8 in progress: cycles done
     best: BestWeights | None = field(default=None, repr=False)  # step 8 in progress: best weights so far
     stop: dict | None = None  # step 8's result
+    resize: ProgressiveResize | None = field(default=None, repr=False)  # step 8 with cfg.progressive
     resumed: list[dict] = field(default_factory=list)  # each resume: when, from where
     spent_before: float = 0.0  # seconds of earlier processes of this run (resume)
     t0: float = field(default_factory=time.perf_counter)
@@ -595,20 +604,46 @@ def step_full_sgdr(state: RecipeState) -> dict:
     # with a budget the plan bounds step 8 (and is re-planned after each cycle, see _after_full_cycle)
     epochs_max = budgets.MAX_FULL_EPOCHS if state.full_cycles else cfg.epochs_max
     n_passes = (len(state.clock.train_passes), len(state.clock.valid_passes))  # step 8's from here on
+    state.resize = None if cfg.progressive is None else ProgressiveResize(
+        cfg.progressive, active=lambda: state.progress.cycles < len(_planned_cycles(state)) - 1)
+    if state.resize is not None:  # a resume inside step 8: the epochs the earlier processes trained small
+        state.resize.before = int(state.times.get("progressive_epochs", 0))
     with _held(state.bn_held):
-        stop = fit_until_overfit(learn, state.lrs_full, epochs_max, cbs=[*state.bn_cbs, *state.mining],
+        stop = fit_until_overfit(learn, state.lrs_full, epochs_max,
+                                 cbs=[*state.bn_cbs, *state.mining, *([state.resize] if state.resize else [])],
                                  valid_every_epoch=cfg.valid_every_epoch, best=state.best,
                                  progress=state.progress, cycle_lengths=state.full_cycles,
                                  after_cycle=lambda *_: _after_full_cycle(state, n_passes))
     state.stop, state.progress, state.best = stop, None, None
     bvl = stop["best_valid_loss"]
-    st = steps.done(f"{stop['cycles']} cycle(s), {stop['epochs']} epochs; stopped: {stop['reason']}; best valid "
-                    f"loss {'n/a' if bvl is None else f'{bvl:.3f}'} (epoch {stop['best_epoch']}) restored",
+    small = _small_epochs(state)
+    st = steps.done(f"{stop['cycles']} cycle(s), {stop['epochs']} epochs"
+                    f"{f' ({small} at {cfg.progressive} px)' if cfg.progressive else ''}; stopped: "
+                    f"{stop['reason']}; best valid loss {'n/a' if bvl is None else f'{bvl:.3f}'} "
+                    f"(epoch {stop['best_epoch']}) restored",
                     lr=list(state.lrs_full), **stop, **_restored_numbers(state.log.rows, stop["best_epoch"]),
+                    **({"progressive_px": cfg.progressive, "progressive_epochs": small} if cfg.progressive else {}),
                     note=f"{stop['cycles']} cycle(s); stopped: {stop['reason']}; numbers of the restored "
                          f"best weights (epoch {stop['best_epoch']} of step 8)")
     learn.remove_cbs([state.log, state.clock])
     return st
+
+
+def _planned_cycles(state: RecipeState) -> list[int]:
+    """Step 8's cycle lengths as planned now: the budget's, or SGDR's 1, 2, 4, ... up to epochs_max."""
+    if state.full_cycles:
+        return state.full_cycles
+    lengths = [1]
+    while sum(lengths) + 2 * lengths[-1] <= state.cfg.epochs_max:
+        lengths.append(2 * lengths[-1])
+    return lengths
+
+
+def _small_epochs(state: RecipeState) -> int:
+    """Step-8 epochs this process trained at the progressive size (earlier processes' from the checkpoint)."""
+    if state.resize is None:
+        return 0
+    return state.resize.before + sum(state.resize.small)
 
 
 def _restored_numbers(rows: list[dict], best_epoch: int) -> dict:
@@ -640,7 +675,8 @@ def _timings(state: RecipeState) -> budgets.Timings:
         {**state.times, "spent": state.elapsed(), "lr_find_full_done": "lr_find_full" in state.done},
         n_train_batches=len(learn.dls.train), n_valid_batches=len(learn.dls.valid),
         n_train=len(learn.dls.train_ds), n_valid=len(learn.dls.valid_ds), precompute=cfg.precompute,
-        lr_find_iters=cfg.lr_find_iters, tta_passes=TTA_PASSES if cfg.tta else 0)
+        lr_find_iters=cfg.lr_find_iters, tta_passes=TTA_PASSES if cfg.tta else 0,
+        small_ratio=None if cfg.progressive is None else (cfg.progressive / cfg.size) ** 2)
 
 
 def _plan_head(state: RecipeState) -> None:
@@ -669,7 +705,8 @@ def _plan_full(state: RecipeState) -> None:
     state.full_cycles = plan.full_cycles
     state.budget["full"] = {**plan.as_dict(), "timings": _rounded(dataclasses.asdict(t))}
     print(f"  budget plan: {cfg.budget:g} min in all, {t.spent / 60:.1f} min spent; step 8: SGDR cycles of "
-          f"{', '.join(map(str, plan.full_cycles))} epoch(s) at ~{t.full_epoch:.0f} s an epoch "
+          f"{', '.join(map(str, plan.full_cycles))} epoch(s) at ~{t.full_epoch:.0f} s an epoch"
+          f"{'' if t.full_epoch_small is None else f' (~{t.full_epoch_small:.0f} s at {cfg.progressive} px before the last cycle)'} "
           f"({plan.parts_s['full_sgdr'] / 60:.1f} min), evaluation and export ~{t.finish / 60:.1f} min; "
           f"planned end at {plan.planned_s / 60:.1f} min", flush=True)
 
@@ -679,7 +716,12 @@ def _after_full_cycle(state: RecipeState, n_passes: tuple[int, int]) -> list[int
     measured epoch times (then the checkpoint holds the new plan); the checkpoint. Returns the plan."""
     cfg, clock = state.cfg, state.clock
     if cfg.budget is not None and len(clock.train_passes) > n_passes[0]:
-        state.times["full_epoch_train"] = float(np.mean(clock.train_passes[n_passes[0]:]))
+        passes = clock.train_passes[n_passes[0]:]
+        small = state.resize.small[-len(passes):] if state.resize else [False] * len(passes)
+        for key, want in (("full_epoch_train", False), ("full_epoch_train_small", True)):
+            times = [t for t, s in zip(passes, small) if s == want]
+            if times:
+                state.times[key] = float(np.mean(times))
         if len(clock.valid_passes) > n_passes[1]:
             state.times["valid"] = float(np.mean(clock.valid_passes[n_passes[1]:]))
         done = state.full_cycles[:state.progress.cycles]
@@ -687,12 +729,16 @@ def _after_full_cycle(state: RecipeState, n_passes: tuple[int, int]) -> list[int
                                                         valid_every_epoch=cfg.valid_every_epoch,
                                                         rule=cfg.budget_cycles))
         if plan.full_cycles != state.full_cycles and state.progress.reason is None:
-            print(f"  budget re-plan after cycle {len(done)} (step 8 epochs measured at "
-                  f"~{state.times['full_epoch_train']:.0f} s): cycles {', '.join(map(str, plan.full_cycles))}; "
-                  f"planned end at {plan.planned_s / 60:.1f} min", flush=True)
+            measured = " and ".join(f"~{state.times[k]:.0f} s{at}" for k, at in (
+                ("full_epoch_train", f" at {cfg.size} px" if cfg.progressive else ""),
+                ("full_epoch_train_small", f" at {cfg.progressive} px")) if k in state.times)
+            print(f"  budget re-plan after cycle {len(done)} (step 8 epochs measured at {measured}): cycles "
+                  f"{', '.join(map(str, plan.full_cycles))}; planned end at {plan.planned_s / 60:.1f} min", flush=True)
         state.full_cycles = plan.full_cycles
         state.budget.setdefault("replans", []).append(
             {"after_cycle": len(done), "full_cycles": plan.full_cycles, "planned_s": round(plan.planned_s, 1)})
+    if state.resize is not None:
+        state.times["progressive_epochs"] = _small_epochs(state)
     _checkpoint(state, "full_sgdr")
     return state.full_cycles
 
