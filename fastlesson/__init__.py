@@ -35,7 +35,14 @@ from fastlesson.export import export_bundle, load_model
 from fastlesson.recipe import RecipeConfig, run_recipe
 
 # callbacks and the small CNN of the seed projects
-from fastlesson.callbacks import BestCheckpoint, EarlyStopping, HardExampleMining, NonFiniteGuard, PlateauLR
+from fastlesson.callbacks import (
+    BestCheckpoint,
+    EarlyStopping,
+    HardExampleMining,
+    NonFiniteGuard,
+    PlateauLR,
+    ProgressiveResize,
+)
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter
 
 # data sets from a web image search
@@ -52,7 +59,7 @@ __all__ = [
     # data, backbones, recipe, export
     "load_data", "sample_path", "create_learner", "export_bundle", "load_model", "RecipeConfig", "run_recipe",
     # callbacks, small CNN
-    "BestCheckpoint", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR",
+    "BestCheckpoint", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR", "ProgressiveResize",
     "small_cnn", "small_cnn_splitter",
     # scraping (the rest of the scraper: fastlesson.scrape)
     "ScrapeConfig", "scrape_dataset",

@@ -396,8 +396,8 @@ class ProgressiveResize(Callback):
     run_valid = False
 
     def __init__(self, size: int, active=lambda: True):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-            raise ValueError(f"size={size!r} must be an image side in pixels (int >= 8), e.g. 128")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+            raise ValueError(f"size={size!r} must be an image side in pixels (int >= 2), e.g. 128")
         self.size, self.active, self.small = size, active, []
 
     def before_train(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -225,3 +226,64 @@ def test_recipe_with_a_too_short_budget_stops_before_training(tmp_path, monkeypa
             contextlib.redirect_stdout(io.StringIO()):
         recipe.run_recipe(recipe.RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"), budget=1))
     assert not trained
+
+
+def test_progressive_resizing_plans_the_cycles_before_the_last_at_the_small_epoch_time():
+    """Step 8 with progressive resizing: every cycle but the plan's last costs the small-size epoch, so
+    the same budget holds more epochs (here 14 instead of 11), and the re-plan keeps that rule."""
+    small = dataclasses.replace(T, full_epoch_small=64.0)
+    plain, prog = plan_budget(1500 / SAFETY, T, 8, 2), plan_budget(1500 / SAFETY, small, 8, 2)
+    assert plain.full_cycles == [1, 2, 4, 4] and prog.full_cycles == [1, 2, 4, 7]
+    assert prog.parts_s["full_sgdr"] == pytest.approx((1 + 2 + 4) * 64.0 + 7 * 100.0 + 4 * 10.0)
+    assert prog.planned_s <= 1500 and plain.planned_s <= 1500
+    # after cycles 1 and 2 (small): 4 more small epochs and a last full-size cycle of what is left
+    late = dataclasses.replace(small, spent=500.0)
+    plan = replan_full(1500 / SAFETY, late, [1, 2])
+    assert plan.full_cycles == [1, 2, 4, 6]
+    assert plan.parts_s["full_sgdr"] == pytest.approx(4 * 64.0 + 6 * 100.0 + 2 * 10.0)
+
+
+def test_progressive_estimates_scale_with_the_pixels_until_measured():
+    m = {"spent": 30.0, "body_pass": 40.0, "head_batch": 0.01, "full_batch": 3.0}
+    args = dict(n_train_batches=30, n_valid_batches=10, n_train=960, n_valid=320, precompute=True,
+                lr_find_iters=100, tta_passes=0)
+    assert estimate_timings(m, **args).full_epoch_small is None  # no progressive resizing
+    t = estimate_timings(m, **args, small_ratio=0.64)
+    assert (t.full_epoch, t.full_epoch_small) == (90.0, pytest.approx(57.6))
+    # small epochs measured: the small time is the measured one; the full-size one the bigger of the
+    # step-7 estimate and the small one scaled back up (never planned short)
+    assert estimate_timings({**m, "full_epoch_train_small": 70.0}, **args, small_ratio=0.64).full_epoch == \
+        pytest.approx(70.0 / 0.64)
+    low = estimate_timings({**m, "full_epoch_train_small": 50.0}, **args, small_ratio=0.64)
+    assert (low.full_epoch, low.full_epoch_small) == (90.0, 50.0)
+    both = estimate_timings({**m, "full_epoch_train_small": 50.0, "full_epoch_train": 80.0}, **args,
+                            small_ratio=0.64)
+    assert (both.full_epoch, both.full_epoch_small) == (80.0, 50.0)
+
+
+def test_recipe_with_progressive_resizing_trains_the_first_cycles_small(tmp_path, monkeypatch):
+    """--progressive 16 with a budget: step 8's first cycle (not the plan's last) trains at 16 px, its
+    epoch is timed as a small one, and the run records how many epochs were small (fixed timings)."""
+    import fastlesson.recipe as recipe
+
+    from _recipe_helpers import write_image_folder
+
+    fixed = Timings(spent=1.0, precompute_epoch=0.1, head_epoch=1.0, lr_find_full=1.0, full_epoch=0.5,
+                    valid=0.1, finish=0.5, full_epoch_small=0.25)
+    late = Timings(spent=5.5, precompute_epoch=0, head_epoch=0, lr_find_full=0, full_epoch=0.5, valid=0.1,
+                   finish=0.5, full_epoch_small=0.25)  # after cycle 1: no room for another cycle
+    monkeypatch.setattr(recipe, "_timings", lambda state: late if "full_epoch_train_small" in state.times else fixed)
+    data = write_image_folder(tmp_path / "data")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = recipe.run_recipe(recipe.RecipeConfig(data=str(data), smoke=True, out=str(tmp_path / "run"),
+                                                    budget=5.7 / SAFETY / 60, progressive=16))
+    b = res.metrics["budget"]
+    assert len(b["step8_plan"]["full_cycles"]) > 1 and b["planned"]["full_cycles"] == [1]
+    full = next(s for s in res.steps if s["name"] == "full_sgdr")
+    assert (full["progressive_px"], full["progressive_epochs"], full["epochs"]) == (16, 1, 1)
+    assert "1 epochs (1 at 16 px)" in buf.getvalue() and "at 16 px before the last cycle" in buf.getvalue()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["progressive"] == 16
+    with pytest.raises(ValueError, match=r"RecipeConfig.progressive=160 is not valid: use a size in px from 16 "
+                                         r"to below size=160 \(e.g. 128\), or None"):
+        recipe.RecipeConfig(progressive=160).validate()

@@ -34,6 +34,7 @@ from fastlesson.callbacks import (
     HardExampleMining,
     NonFiniteGuard,
     PlateauLR,
+    ProgressiveResize,
 )
 
 NB = 2  # batches per epoch of the tiny learner below: 32 examples / bs 16
@@ -728,3 +729,46 @@ def test_guard_catches_nonfinite_gradient_with_finite_loss(tiny):
         learn.fit(2, 1e-2, cbs=[Keep(), guard])
     assert guard.stop_reason.startswith("non-finite gradient") and _finite(current_state(learn))
     assert same_state(current_state(learn), before)
+
+
+class _SeenSizes(Callback):
+    """Records the input side of every batch the model gets, training and validation apart."""
+
+    order = ProgressiveResize.order + 1
+
+    def __init__(self):
+        self.train, self.valid = [], []
+
+    def before_batch(self):
+        (self.train if self.training else self.valid).append(tuple(self.learn.xb[0].shape[-2:]))
+
+
+def test_progressive_resize_shrinks_training_batches_only_while_active(tiny):
+    learn = tiny()  # 8 px synthetic images
+    on = [True, False]  # asked once per training pass: epoch 1 small, epoch 2 full size
+    cb, seen = ProgressiveResize(4, active=lambda: on.pop(0)), _SeenSizes()
+    learn.fit(2, 1e-3, cbs=[cb, seen])
+    assert seen.train == [(4, 4)] * NB + [(8, 8)] * NB  # each pass at the size asked for
+    assert set(seen.valid) == {(8, 8)}  # validation always at the data's size
+    assert cb.small == [True, False]
+
+
+def test_progressive_resize_is_an_antialiased_resize_of_the_augmented_batch():
+    cb = ProgressiveResize(4)
+    x = torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    cb.learn = SimpleNamespace(xb=(x,), training=True)
+    cb.before_train()
+    cb.before_batch()
+    out = cb.learn.xb[0]
+    expect = F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(out, expect) and out.is_contiguous(memory_format=torch.channels_last)
+    # a batch already at the size (validation-sized data, or the full-size cycle) is left as it is
+    cb.learn = SimpleNamespace(xb=(out,), training=True)
+    cb.before_batch()
+    assert cb.learn.xb[0] is out
+
+
+@pytest.mark.parametrize("size", [0, 1, 12.5, True, "128"])
+def test_progressive_resize_bad_size(size):
+    with pytest.raises(ValueError, match=r"size=.* must be an image side in pixels \(int >= 2\), e.g. 128"):
+        ProgressiveResize(size)

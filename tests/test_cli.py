@@ -174,7 +174,8 @@ def non_default(name: str):
     if base is bool:
         return ([f"--no-{name.replace('_', '-')}"], False) if default else ([flag], True)
     if base is int:
-        return [flag, str(default + 1)], default + 1
+        value = 128 if default is None else default + 1  # None (off): a size below the default 160 px
+        return [flag, str(value)], value
     if base is float:
         value = 0.5 if not default else default / 2  # None or 0.0: some other fraction
         return [flag, str(value)], value
