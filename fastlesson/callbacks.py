@@ -398,14 +398,14 @@ class ProgressiveResize(Callback):
     def __init__(self, size: int, active=lambda: True):
         if isinstance(size, bool) or not isinstance(size, int) or size < 2:
             raise ValueError(f"size={size!r} must be an image side in pixels (int >= 2), e.g. 128")
-        self.size, self.active, self.small = size, active, []
+        self.size, self.active, self.small, self._on = size, active, [], False
 
     def before_train(self):
         self._on = bool(self.active())
         self.small.append(self._on)
 
     def before_batch(self):
-        if not getattr(self, "_on", False) or not self.training:
+        if not self._on or not self.training:
             return
         x = self.learn.xb[0]
         if x.ndim != 4 or tuple(x.shape[-2:]) == (self.size, self.size):

@@ -56,6 +56,7 @@ from fastlesson.precompute import precompute_head, precompute_learner
 from fastlesson.schedule import (  # noqa: F401  (ValidateAtFitEnd, fit_until_overfit: re-exported)
     OverfitProgress,
     ValidateAtFitEnd,
+    _max_cycles,
     fit_one_cycle,
     fit_sgdr,
     fit_until_overfit,
@@ -63,6 +64,7 @@ from fastlesson.schedule import (  # noqa: F401  (ValidateAtFitEnd, fit_until_ov
     freeze_to,
     lr_groups,
     n_groups,
+    sgdr_cycle_lengths,
 )
 
 __all__ = ["STEPS", "RecipeConfig", "RecipeResult", "RecipeState", "resume_recipe", "run_recipe", "start_recipe",
@@ -357,6 +359,7 @@ class RecipeState:
     best: BestWeights | None = field(default=None, repr=False)  # step 8 in progress: best weights so far
     stop: dict | None = None  # step 8's result
     resize: ProgressiveResize | None = field(default=None, repr=False)  # step 8 with cfg.progressive
+    small_before: int = 0  # step-8 epochs at the progressive size trained before a resume
     resumed: list[dict] = field(default_factory=list)  # each resume: when, from where
     spent_before: float = 0.0  # seconds of earlier processes of this run (resume)
     t0: float = field(default_factory=time.perf_counter)
@@ -606,8 +609,7 @@ def step_full_sgdr(state: RecipeState) -> dict:
     n_passes = (len(state.clock.train_passes), len(state.clock.valid_passes))  # step 8's from here on
     state.resize = None if cfg.progressive is None else ProgressiveResize(
         cfg.progressive, active=lambda: state.progress.cycles < len(_planned_cycles(state)) - 1)
-    if state.resize is not None:  # a resume inside step 8: the epochs the earlier processes trained small
-        state.resize.before = int(state.times.get("progressive_epochs", 0))
+    state.small_before = int(state.times.get("progressive_epochs", 0))  # a resume inside step 8
     with _held(state.bn_held):
         stop = fit_until_overfit(learn, state.lrs_full, epochs_max,
                                  cbs=[*state.bn_cbs, *state.mining, *([state.resize] if state.resize else [])],
@@ -633,17 +635,12 @@ def _planned_cycles(state: RecipeState) -> list[int]:
     """Step 8's cycle lengths as planned now: the budget's, or SGDR's 1, 2, 4, ... up to epochs_max."""
     if state.full_cycles:
         return state.full_cycles
-    lengths = [1]
-    while sum(lengths) + 2 * lengths[-1] <= state.cfg.epochs_max:
-        lengths.append(2 * lengths[-1])
-    return lengths
+    return sgdr_cycle_lengths(_max_cycles(state.cfg.epochs_max, 1, 2) - 1, 1, 2)  # the cycles fit_until_overfit runs
 
 
 def _small_epochs(state: RecipeState) -> int:
-    """Step-8 epochs this process trained at the progressive size (earlier processes' from the checkpoint)."""
-    if state.resize is None:
-        return 0
-    return state.resize.before + sum(state.resize.small)
+    """Step-8 epochs trained at the progressive size, by this process and those before a resume."""
+    return 0 if state.resize is None else state.small_before + sum(state.resize.small)
 
 
 def _restored_numbers(rows: list[dict], best_epoch: int) -> dict:
