@@ -13,6 +13,9 @@
     python bench/budget.py --budgets 12 --skip-default --progressive none 128 [--seed 1]
                                                             # step 8 all at 160 px vs its cycles before
                                                             # the last at 128 px (~25 min)
+    python bench/budget.py --budgets 12 --skip-default --average-cycles 1 2 [--seed 1]
+                                                            # step 8 ends on its best cycle end vs the
+                                                            # average of its last 2 (~25 min)
 
 Each run is `fastlesson.run_recipe` in this process, one after another, on the same data and seed.
 Printed per run: budget, planned minutes (the step-8 plan), actual minutes (the whole run, export
@@ -36,20 +39,21 @@ from _common import ARCH, DEFAULT_DATA, env_summary, resolve_data, subsample  # 
 
 
 def run_one(data: Path, out: Path, budget: float | None, args, label_smoothing: float, rule: str,
-            progressive: int | None = None) -> dict:
+            progressive: int | None = None, average: int = 1) -> dict:
     """One recipe run; its numbers for the table."""
     from fastlesson.precompute import clear_memory_cache
     from fastlesson.recipe import RecipeConfig, run_recipe
 
     cfg = RecipeConfig(data=str(data), arch=ARCH, size=args.size, seed=args.seed, out=str(out), budget=budget,
                        lr_find_iters=args.lr_find_iters, tta=not args.no_tta, label_smoothing=label_smoothing,
-                       budget_cycles=rule, progressive=progressive)
+                       budget_cycles=rule, progressive=progressive, average_cycles=average)
     clear_memory_cache()  # every run pays its own body pass, as a fresh command would
     res = run_recipe(cfg)
     b = res.metrics.get("budget") or {}
     full = next(s for s in res.steps if s["name"] == "full_sgdr")
     return {"budget_min": budget, "label_smoothing": label_smoothing, "budget_cycles": rule,
             "progressive": progressive, "progressive_epochs": full.get("progressive_epochs", 0),
+            "average_cycles": average, "averaged_kept": full.get("averaged_kept"),
             "planned_min": (b.get("planned") or {}).get("minutes"),
             "actual_min": round(res.metrics["seconds_total"] / 60, 2),
             "cycles_planned": (b.get("planned") or {}).get("full_cycles"),
@@ -63,15 +67,22 @@ def _px(r: dict) -> str:
     return f"{r['progressive']} px" + (f" ({r['progressive_epochs']} ep)" if "progressive_epochs" in r else "")
 
 
+def _avg(r: dict) -> str:
+    if r.get("average_cycles", 1) < 2:
+        return "-"
+    kept = r.get("averaged_kept")
+    return f"last {r['average_cycles']}" + ("" if kept is None else " (kept)" if kept else " (not better)")
+
+
 def _fmt_row(r: dict) -> str:
     if "error" in r:
         return (f"| {r['budget_min']:g} | {r['label_smoothing']:g} | {r['budget_cycles']} | {_px(r)} | "
-                f"refused: {r['error']} | | | | | | |")
+                f"{_avg(r)} | refused: {r['error']} | | | | | | |")
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     budget = "default" if r["budget_min"] is None else f"{r['budget_min']:g}"
     planned = "-" if r["planned_min"] is None else f"{r['planned_min']:.2f}"
     ratio = "-" if r["budget_min"] is None else f"{r['actual_min'] / r['budget_min']:.2f}"
-    return (f"| {budget} | {r['label_smoothing']:g} | {r['budget_cycles']} | {_px(r)} | {planned} | "
+    return (f"| {budget} | {r['label_smoothing']:g} | {r['budget_cycles']} | {_px(r)} | {_avg(r)} | {planned} | "
             f"{r['actual_min']:.2f} | {ratio} | "
             f"{r['cycles_planned'] or '-'} | "
             f"{r['cycles_run']} ({r['epochs_run']} ep) | {pct(r['accuracy'])} | {pct(r['accuracy_tta'])} |")
@@ -96,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--progressive", nargs="+", default=None, type=lambda v: None if v == "none" else int(v),
                    help="run each budget once per value of RecipeConfig.progressive: px of step 8's cycles before "
                         "the last, or none [the recipe's default]")
+    p.add_argument("--average-cycles", nargs="+", default=None, type=int,
+                   help="run each budget once per value of RecipeConfig.average_cycles (1: off) [the recipe's default]")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--keep", default=None, help="write the run folders here (kept) instead of a temporary folder")
     args = p.parse_args(argv)
@@ -107,23 +120,24 @@ def main(argv=None) -> int:
         if args.limit:
             data = subsample(data, args.limit, Path(tmp) / "data")
         for budget in ([] if args.skip_default else [None]) + list(args.budgets):
-            for ls, rule, px in itertools.product(args.label_smoothing or [RecipeConfig.label_smoothing],
-                                                  args.budget_cycles or [RecipeConfig.budget_cycles],
-                                                  args.progressive or [RecipeConfig.progressive]):
+            for ls, rule, px, avg in itertools.product(args.label_smoothing or [RecipeConfig.label_smoothing],
+                                                       args.budget_cycles or [RecipeConfig.budget_cycles],
+                                                       args.progressive or [RecipeConfig.progressive],
+                                                       args.average_cycles or [RecipeConfig.average_cycles]):
                 name = ("default" if budget is None else f"budget{budget:g}") + (f"_ls{ls:g}" if ls else "") \
-                    + f"_{rule}" + (f"_px{px}" if px else "")
+                    + f"_{rule}" + (f"_px{px}" if px else "") + f"_avg{avg}"
                 try:
-                    rows.append(run_one(data, Path(args.keep or tmp) / name, budget, args, ls, rule, px))
+                    rows.append(run_one(data, Path(args.keep or tmp) / name, budget, args, ls, rule, px, avg))
                 except ValueError as e:  # a budget too short for this machine: said before any training
                     print(f"\n{name}: {e}")
                     rows.append({"budget_min": budget, "label_smoothing": ls, "budget_cycles": rule,
-                                 "progressive": px, "error": str(e)})
+                                 "progressive": px, "average_cycles": avg, "error": str(e)})
     print("\n## Time budget vs the default run\n")
     print(f"data {args.data}{f' (limit {args.limit})' if args.limit else ''}, {ARCH}, {args.size} px, "
           f"seed {args.seed}\n")
-    print("| budget (min) | label smoothing | step-8 cycles rule | progressive | planned (min) | actual (min) | "
-          "actual / budget | step-8 cycles planned | run | accuracy | with TTA |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| budget (min) | label smoothing | step-8 cycles rule | progressive | averaged cycle ends | planned (min) | "
+          "actual (min) | actual / budget | step-8 cycles planned | run | accuracy | with TTA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_fmt_row(r))
     print("\n" + env_summary(repeats=1))

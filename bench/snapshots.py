@@ -9,7 +9,8 @@ at the end of every step-8 SGDR cycle (where the cosine LR has annealed: the sna
 2017, "Snapshot ensembles"). Then, on the validation split, side by side:
 
 - the recipe's own result (the best validated cycle end, restored);
-- the weights averaged over the last k cycle ends (stochastic weight averaging over SGDR snapshots,
+- the weights averaged over the last k cycle ends (what `RecipeConfig.average_cycles = k` keeps
+  when it validates better than the best cycle end; stochastic weight averaging over SGDR snapshots,
   Izmailov et al. 2018, an equal-weight average; the body's BatchNorm is frozen
   with ImageNet statistics in step 8, so an average needs no BatchNorm re-estimation there);
 - the softmax averaged over the last k snapshots (an ensemble: k forward passes per image).
@@ -31,37 +32,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _common import ARCH, DEFAULT_DATA, env_summary, resolve_data, subsample  # noqa: E402
 
 
-def average_states(states: list[dict]) -> dict:
-    """Equal-weight average of state_dicts (what torch.optim.swa_utils.AveragedModel computes);
-    integer buffers (BatchNorm's num_batches_tracked) are taken from the last one."""
-    import torch
-
-    out = {}
-    for k, last in states[-1].items():
-        if last.is_floating_point():
-            out[k] = torch.stack([s[k].float() for s in states]).mean(0).to(last.dtype)
-        else:
-            out[k] = last.clone()
-    return out
-
-
-def evaluate(learn, state: dict | None = None, ensemble: list[dict] | None = None) -> dict:
-    """Validation accuracy (plain and flip TTA) and loss of `state`, or of the ensemble of `ensemble`."""
+def predictions(learn, state: dict) -> tuple:
+    """(softmax, flip-TTA softmax, targets) on the validation split with the weights `state`."""
     import torch
 
     from fastlesson.export import learner_tta
 
     keep = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    probs_plain, probs_tta, targs = [], [], None
-    for s in ensemble or [state]:
-        learn.model.load_state_dict(s)
-        plain, targs = learn.get_preds(dl=learn.dls.valid, act=lambda x: x.float().softmax(-1))
-        tta, _ = learner_tta(learn)
-        probs_plain.append(plain.as_subclass(torch.Tensor))
-        probs_tta.append(tta)
+    learn.model.load_state_dict(state)
+    plain, targs = learn.get_preds(dl=learn.dls.valid, act=lambda x: x.float().softmax(-1))
+    tta, _ = learner_tta(learn)
     learn.model.load_state_dict(keep)
-    targs = targs.as_subclass(torch.Tensor)
-    p, t = torch.stack(probs_plain).mean(0), torch.stack(probs_tta).mean(0)
+    return plain.as_subclass(torch.Tensor), tta, targs.as_subclass(torch.Tensor)
+
+
+def scores(preds: list[tuple]) -> dict:
+    """Accuracy (plain and flip TTA) and NLL of the mean softmax of `preds` (one entry: one model)."""
+    import torch
+
+    targs = preds[0][2]
+    p, t = torch.stack([q[0] for q in preds]).mean(0), torch.stack([q[1] for q in preds]).mean(0)
     nll = float(torch.nn.functional.nll_loss(p.clamp_min(1e-12).log(), targs))
     return {"accuracy": float((p.argmax(1) == targs).float().mean()),
             "accuracy_tta": float((t.argmax(1) == targs).float().mean()), "nll": nll}
@@ -80,6 +70,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import fastlesson.recipe as recipe
+    from fastlesson.callbacks import average_states
     from fastlesson.precompute import clear_memory_cache
 
     snaps: list[dict] = []
@@ -95,19 +86,20 @@ def main(argv=None) -> int:
         if args.limit:
             data = subsample(data, args.limit, Path(tmp) / "data")
         cfg = recipe.RecipeConfig(data=str(data), arch=ARCH, size=args.size, seed=args.seed, out=str(Path(tmp) / "run"),
-                                  budget=args.budget, lr_find_iters=args.lr_find_iters, progressive=args.progressive)
+                                  budget=args.budget, lr_find_iters=args.lr_find_iters, progressive=args.progressive,
+                                  average_cycles=1)  # the recipe's own row: its best cycle end, not averaged
         clear_memory_cache()
         res = recipe.run_recipe(cfg)
         learn = res.learn
         full = next(s for s in res.steps if s["name"] == "full_sgdr")
         rows = [{"what": f"recipe: best cycle end restored (epoch {full['best_epoch']} of {full['epochs']})",
-                 **evaluate(learn, state={k: v.clone() for k, v in learn.model.state_dict().items()})}]
-        for i, s in enumerate(snaps):
-            rows.append({"what": f"cycle {i + 1} end", **evaluate(learn, state=s)})
+                 **scores([predictions(learn, {k: v.clone() for k, v in learn.model.state_dict().items()})])}]
+        each = [predictions(learn, s) for s in snaps]  # one pass set per snapshot; ensembles reuse them
+        rows += [{"what": f"cycle {i + 1} end", **scores([q])} for i, q in enumerate(each)]
         for k in range(2, len(snaps) + 1):
             rows.append({"what": f"weights averaged over the last {k} cycle ends",
-                         **evaluate(learn, state=average_states(snaps[-k:]))})
-            rows.append({"what": f"ensemble of the last {k} cycle ends ({k} passes)", **evaluate(learn, ensemble=snaps[-k:])})
+                         **scores([predictions(learn, average_states(snaps[-k:]))])})
+            rows.append({"what": f"ensemble of the last {k} cycle ends ({k} passes)", **scores(each[-k:])})
     print(f"\n## Step 8's snapshots: {args.data}{f' (limit {args.limit})' if args.limit else ''}, {ARCH}, "
           f"{args.size} px, budget {args.budget:g} min, seed {args.seed}, progressive {args.progressive}; "
           f"cycles {full.get('cycles')} ({full.get('epochs')} epochs), run {res.metrics['seconds_total'] / 60:.2f} min\n")

@@ -42,6 +42,7 @@ from fastlesson.callbacks import (
     NonFiniteGuard,
     PlateauLR,
     ProgressiveResize,
+    average_states,
 )
 from fastlesson.smallcnn import small_cnn, small_cnn_splitter
 
@@ -60,6 +61,7 @@ __all__ = [
     "load_data", "sample_path", "create_learner", "export_bundle", "load_model", "RecipeConfig", "run_recipe",
     # callbacks, small CNN
     "BestCheckpoint", "EarlyStopping", "HardExampleMining", "NonFiniteGuard", "PlateauLR", "ProgressiveResize",
+    "average_states",
     "small_cnn", "small_cnn_splitter",
     # scraping (the rest of the scraper: fastlesson.scrape)
     "ScrapeConfig", "scrape_dataset",

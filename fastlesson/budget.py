@@ -155,7 +155,7 @@ def replan_full(budget_s: float, t: Timings, done: list[int], valid_every_epoch:
 
 def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_train: int, n_valid: int,
                      precompute: bool, lr_find_iters: int, tta_passes: int,
-                     small_ratio: float | None = None) -> Timings:
+                     small_ratio: float | None = None, average_pass: bool = False) -> Timings:
     """Timings from what the recipe measured so far (`m`, seconds; missing keys are estimated):
     spent, body_pass (step 2's cached body pass over train + valid; body_forward: the body's forward
     calls in it, preferred), head_batch (a step-2 range-test
@@ -163,7 +163,8 @@ def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_trai
     lr_find_full_done (True once step 7 ran), full_epoch_train (step 8's training passes, measured).
     `small_ratio`: progressive resizing, (small size / size)**2; then full_epoch_small is
     full_epoch_train_small (measured) or that fraction of a full-size epoch (convolutions scale with the
-    pixels: lite0 at 128 vs 160 px, 0.66 of the time per batch on 2 CPU cores)."""
+    pixels: lite0 at 128 vs 160 px, 0.66 of the time per batch on 2 CPU cores). `average_pass`: the
+    finish also validates step 8's averaged cycle ends (RecipeConfig.average_cycles), one more pass."""
     frac_valid = n_valid / max(1, n_train + n_valid)
     # the body's forward time in step 2's pass, when measured: the pass's wall time also holds the first
     # decode of every image (full-size photos, before the decode cache), which later epochs do not pay
@@ -190,5 +191,5 @@ def estimate_timings(m: dict, n_train_batches: int, n_valid_batches: int, n_trai
     return Timings(spent=m.get("spent", 0.0), precompute_epoch=pre, head_epoch=head_train + valid,
                    lr_find_full=0.0 if m.get("lr_find_full_done") else lr_find_iters * full_batch,
                    full_epoch=full_epoch, valid=valid,
-                   finish=valid * (FINISH_VALID_PASSES + tta_passes * AUG_OVERHEAD) + FINISH_FIXED_S,
+                   finish=valid * (FINISH_VALID_PASSES + average_pass + tta_passes * AUG_OVERHEAD) + FINISH_FIXED_S,
                    full_epoch_small=small)

@@ -27,7 +27,7 @@ from fastai.callback.tracker import TrackerCallback
 from fastlesson._io import atomic_write
 
 __all__ = ["HardExampleMining", "PlateauLR", "BestWeights", "EarlyStopping", "BestCheckpoint", "NonFiniteGuard",
-           "ProgressiveResize"]
+           "ProgressiveResize", "average_states"]
 
 
 def _supports_reduction(loss_func) -> bool:
@@ -182,6 +182,19 @@ class PlateauLR(TrackerCallback):
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """An in-memory copy of the model's state_dict on the CPU (so GPU memory is not doubled)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The equal-weight average of state_dicts (the weights of stochastic weight averaging, Izmailov et
+    al. 2018, as torch.optim.swa_utils.AveragedModel computes them, buffers included); integer buffers
+    (BatchNorm's num_batches_tracked) are the last state's. ValueError for none or mismatched keys."""
+    if not states:
+        raise ValueError("average_states needs at least one state_dict")
+    keys = set(states[-1])  # as sets: a state_dict read back from safetensors has its keys sorted
+    if any(set(s) != keys for s in states):
+        raise ValueError("average_states: the state_dicts have different keys (not the same model)")
+    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point()
+            else v.clone() for k, v in states[-1].items()}
 
 
 def _all_finite(state: dict[str, torch.Tensor]) -> bool:

@@ -2,7 +2,8 @@
 
 `RUN/checkpoint/` holds one generation of files, written atomically (fastlesson._io): model weights
 (`model-N.safetensors`), the optimizer state (`optimizer-N.pt`, `torch.load(weights_only=True)`),
-step 8's best-weights copy (`best-N.safetensors`) and `state.json` (written last: the run's numbers,
+step 8's best-weights copy (`best-N.safetensors`) and its last cycle ends' weights (`endI-N.safetensors`,
+for RecipeConfig.average_cycles), and `state.json` (written last: the run's numbers,
 every RNG state, the config and a data fingerprint; it names the files of its generation). A kill at
 any moment leaves the previous complete generation in place; older generations are removed after.
 """
@@ -111,8 +112,10 @@ def _save_tensors(tensors: dict, path: Path) -> None:
     atomic_write(path, lambda p: save_file(plain, str(p)), fsync=True)
 
 
-def save_checkpoint(run_dir, numbers: dict, model, opt=None, best_state: dict | None = None) -> Path:
-    """Write one checkpoint generation into RUN/checkpoint/ and drop the older ones; returns state.json."""
+def save_checkpoint(run_dir, numbers: dict, model, opt=None, best_state: dict | None = None,
+                    extra: dict[str, dict] | None = None) -> Path:
+    """Write one checkpoint generation into RUN/checkpoint/ and drop the older ones; returns state.json.
+    `extra`: more named sets of tensors (`NAME-N.safetensors`, read back with load_tensors(..., NAME))."""
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     prev = read_checkpoint(run_dir)
@@ -126,6 +129,11 @@ def save_checkpoint(run_dir, numbers: dict, model, opt=None, best_state: dict | 
     if best_state is not None:
         files["best"] = f"best-{gen}.safetensors"
         _save_tensors(best_state, d / files["best"])
+    for name, tensors in (extra or {}).items():
+        if name in ("model", "optimizer", "best"):
+            raise ValueError(f"save_checkpoint: extra tensors may not be named {name!r} (a file of its own)")
+        files[name] = f"{name}-{gen}.safetensors"
+        _save_tensors(tensors, d / files[name])
     doc = {"format": FORMAT, "generation": gen, "files": files, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
            **numbers}
     path = atomic_write_text(d / "state.json", json.dumps(doc, indent=1) + "\n")

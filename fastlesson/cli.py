@@ -271,7 +271,7 @@ def recipe_parser(prog: str = "fastlesson-recipe") -> argparse.ArgumentParser:
     names = {f.name for f in dataclasses.fields(RecipeConfig)}
     choices = {"opt": OPTIMIZERS, "budget_cycles": CYCLE_RULES, **({"log": LOGGERS} if "log" in names else {})}
     p = config_parser(RecipeConfig, prog=prog, description=RECIPE_DESCRIPTION, choices=choices,
-                      aliases=RECIPE_ALIASES, metavars={"hard_mining": "FRACTION", "progressive": "PX"})
+                      aliases=RECIPE_ALIASES, metavars={"hard_mining": "FRACTION", "progressive": "PX", "average_cycles": "N"})
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the interrupted run in RUN_DIR from its last completed step or cycle, "
                         "with the config and data it was started with (no other options)")

@@ -772,3 +772,19 @@ def test_progressive_resize_is_an_antialiased_resize_of_the_augmented_batch():
 def test_progressive_resize_bad_size(size):
     with pytest.raises(ValueError, match=r"size=.* must be an image side in pixels \(int >= 2\), e.g. 128"):
         ProgressiveResize(size)
+
+
+def test_average_states_is_the_mean_of_float_tensors_and_the_last_integer_buffers():
+    from fastlesson.callbacks import average_states
+
+    a = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([1.0], dtype=torch.float16), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "h": torch.tensor([2.0], dtype=torch.float16), "n": torch.tensor(7)}
+    avg = average_states([a, b])
+    assert torch.equal(avg["w"], torch.tensor([2.0, 4.0])) and avg["h"].dtype == torch.float16
+    assert float(avg["h"]) == 1.5 and int(avg["n"]) == 7 and avg["n"].dtype == torch.int64
+    assert torch.equal(average_states([a])["w"], a["w"])
+    assert torch.equal(average_states([a, dict(reversed(b.items()))])["w"], avg["w"])  # key order is free
+    with pytest.raises(ValueError, match="at least one"):
+        average_states([])
+    with pytest.raises(ValueError, match="different keys"):
+        average_states([a, {"w": a["w"]}])

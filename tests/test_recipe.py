@@ -483,3 +483,89 @@ def test_variant_freeze_to_0_without_bn_freeze_trains_the_early_body_and_its_bat
         running = [k for k in trained if k.startswith("0.") and k.endswith("running_mean")]
         assert any(not torch.equal(trained[k], fresh[k]) for k in running)
     assert res.steps[4]["trainable_groups"] == len(res.steps[5]["ratios"]) and not res.steps[4]["bn_freeze"]
+
+
+# ----------------------------------------------------------------------------- step 8: averaged cycle ends
+
+TWO_CYCLES = dict(size=32, bs=8, epochs_max=3, precompute_epochs=1, head_cycles=1, lr_find_iters=32, top_losses=4,
+                  tta=False)  # step 8: SGDR cycles of 1 and 2 epochs
+
+
+def test_step8_averages_its_last_two_cycle_ends_and_keeps_the_better(tmp_path, monkeypatch):
+    """average_cycles=2: the two cycle ends' weights are averaged, validated, and the model ends on the
+    average when its validation loss beats the best cycle end's, else on the best cycle end."""
+    import fastlesson.recipe as recipe
+
+    seen = []
+
+    def recording(states):
+        seen.append(([{k: v.clone() for k, v in s.items()} for s in states], fl_callbacks.average_states(states)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(recipe, "average_states", recording)
+    data = write_image_folder(tmp_path / "data")
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = run_recipe(RecipeConfig(data=str(data), out=str(tmp_path / "run"), **TWO_CYCLES))
+    full = next(s for s in res.steps if s["name"] == "full_sgdr")
+    assert full["cycles"] == 2 and full["averaged_cycles"] == 2 and len(seen) == 1
+    ends, avg = seen[0]
+    final = res.learn.model.state_dict()
+    float_keys = [k for k, v in avg.items() if v.is_floating_point()]
+    changed = [k for k in float_keys if not torch.equal(ends[0][k], ends[1][k])]  # trained in cycle 2
+    assert len(ends) == 2 and changed
+    assert all(torch.allclose(avg[k], (ends[0][k] + ends[1][k]) / 2) for k in changed)
+    on_avg = all(torch.allclose(final[k].cpu(), avg[k]) for k in float_keys)
+    assert on_avg == full["averaged_kept"]
+    assert full["averaged_kept"] == (full["averaged_valid_loss"] < full["best_valid_loss"])
+    if full["averaged_kept"]:
+        assert full["valid_loss"] == pytest.approx(full["averaged_valid_loss"])
+        assert res.valid_loss == pytest.approx(full["averaged_valid_loss"], rel=1e-4)
+    else:  # the restored best: a cycle end, or (epoch 0) the weights step 8 started from
+        assert full["valid_loss"] == pytest.approx(full["best_valid_loss"])
+        on_end = [all(torch.equal(final[k].cpu(), e[k]) for k in float_keys) for e in ends]
+        assert any(on_end) == (full["best_epoch"] > 0)
+
+
+def test_step8_without_averaging_keeps_no_cycle_ends(tmp_path, monkeypatch):
+    import fastlesson.recipe as recipe
+
+    monkeypatch.setattr(recipe, "average_states", lambda states: pytest.fail("averaged with average_cycles=1"))
+    data = write_image_folder(tmp_path / "data")
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = run_recipe(RecipeConfig(data=str(data), out=str(tmp_path / "run"), average_cycles=1, **TWO_CYCLES))
+    full = next(s for s in res.steps if s["name"] == "full_sgdr")
+    assert full["cycles"] == 2 and "averaged_cycles" not in full
+
+
+@pytest.mark.parametrize("best_loss,kept", [(math.inf, True), (-1.0, False)])
+def test_average_cycle_ends_keeps_the_average_only_when_its_loss_is_lower(tiny_learner, tmp_path, best_loss, kept):
+    """The averaged weights are validated once; the model keeps them only when that loss beats the best
+    cycle end's, else it is put back exactly as it was. The ends are released either way."""
+    from fastlesson.callbacks import average_states, state_copy
+    from fastlesson.recipe import RecipeState, _average_cycle_ends
+
+    learn = tiny_learner()
+    before = state_copy(learn.model)
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in before.items()}
+    state = RecipeState(cfg=RecipeConfig(average_cycles=2), out=tmp_path, learn=learn, ends=[before, other])
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = _average_cycle_ends(state, best_loss)
+    assert (out["averaged_cycles"], out["averaged_kept"]) == (2, kept) and state.ends == []
+    want = average_states([before, other]) if kept else before
+    assert all(torch.equal(learn.model.state_dict()[k], want[k]) for k in want)
+    assert math.isfinite(out["averaged_valid_loss"]) and 0 <= out["averaged_accuracy"] <= 1
+
+
+def test_average_cycle_ends_needs_two_ends(tiny_learner, tmp_path):
+    from fastlesson.callbacks import state_copy
+    from fastlesson.recipe import RecipeState, _average_cycle_ends
+
+    learn = tiny_learner()
+    state = RecipeState(cfg=RecipeConfig(average_cycles=3), out=tmp_path, learn=learn, ends=[state_copy(learn.model)])
+    assert _average_cycle_ends(state, 1.0) == {}
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_average_cycles_must_be_a_whole_number_of_cycles(value):
+    with pytest.raises(ValueError, match=rf"RecipeConfig.average_cycles={value!r} is not valid: use an integer >= 1"):
+        RecipeConfig(average_cycles=value).validate()
