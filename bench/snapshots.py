@@ -13,7 +13,9 @@ at the end of every step-8 SGDR cycle (where the cosine LR has annealed: the sna
   when it validates better than the best cycle end; stochastic weight averaging over SGDR snapshots,
   Izmailov et al. 2018, an equal-weight average; the body's BatchNorm is frozen
   with ImageNet statistics in step 8, so an average needs no BatchNorm re-estimation there);
-- the softmax averaged over the last k snapshots (an ensemble: k forward passes per image).
+- the softmax averaged over the last k snapshots (an ensemble: k forward passes per image);
+- the weights averaged over the last k epoch ends of step 8 (`--epoch-ends`: mid-cycle weights too,
+  where the LR has not annealed).
 
 Accuracy without and with flip TTA, and the validation loss. A weight average costs a copy of the
 weights per cycle and nothing at prediction time; an ensemble costs k passes per image.
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--progressive", type=int, default=None, help="RecipeConfig.progressive [off]")
     p.add_argument("--lr-find-iters", type=int, default=100, help="batches per LR range test [100]")
     p.add_argument("--limit", type=int, default=None, help="images per class and split (quick check)")
+    p.add_argument("--epoch-ends", type=int, default=6,
+                   help="also average the last k = 2..K epoch ends of step 8 (mid-cycle weights too) [6; 0: off]")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 
@@ -81,6 +85,27 @@ def main(argv=None) -> int:
         return after(state, n_passes)
 
     recipe._after_full_cycle = keeping
+    epochs: list[dict] = []  # every step-8 training epoch's end (--epoch-ends)
+    full_sgdr = dict(recipe.STEPS)["full_sgdr"]
+
+    def keeping_epochs(state):
+        from fastai.callback.core import Callback
+
+        class EpochEnds(Callback):
+            order = 100
+
+            def after_epoch(self):
+                epochs.append({k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()})
+
+        cb = EpochEnds()
+        state.learn.add_cb(cb)
+        try:
+            return full_sgdr(state)
+        finally:
+            state.learn.remove_cb(cb)
+
+    if args.epoch_ends:
+        recipe.STEPS[:] = [(n, keeping_epochs if n == "full_sgdr" else f) for n, f in recipe.STEPS]
     data = resolve_data(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         if args.limit:
@@ -100,6 +125,9 @@ def main(argv=None) -> int:
             rows.append({"what": f"weights averaged over the last {k} cycle ends",
                          **scores([predictions(learn, average_states(snaps[-k:]))])})
             rows.append({"what": f"ensemble of the last {k} cycle ends ({k} passes)", **scores(each[-k:])})
+        for k in range(2, min(args.epoch_ends, len(epochs)) + 1):
+            rows.append({"what": f"weights averaged over the last {k} epoch ends",
+                         **scores([predictions(learn, average_states(epochs[-k:]))])})
     print(f"\n## Step 8's snapshots: {args.data}{f' (limit {args.limit})' if args.limit else ''}, {ARCH}, "
           f"{args.size} px, budget {args.budget:g} min, seed {args.seed}, progressive {args.progressive}; "
           f"cycles {full.get('cycles')} ({full.get('epochs')} epochs), run {res.metrics['seconds_total'] / 60:.2f} min\n")

@@ -160,7 +160,8 @@ display(Image(filename=str(state.out / "lr_find_full.png")))
 #
 # Cycles of 1, 2, 4, ... epochs, as long as the validation loss keeps improving (checked at the cycle
 # ends, the SGDR snapshots); the first cycle that brings no improvement means the model has started to
-# overfit, so training stops and the best weights seen are restored.
+# overfit, so training stops and the best weights seen are restored. Then the weights averaged over the
+# last 2 cycle ends are validated too, and kept when their validation loss is lower (`average_cycles`).
 
 # %%
 step_full_sgdr(state)
