@@ -133,7 +133,7 @@ class RecipeConfig:
     # step 8 ends on the weights averaged over its last N SGDR cycle ends (stochastic weight averaging over
     # the snapshots where the LR has annealed) when their validation loss beats the best cycle end's; the
     # body's BatchNorm is frozen in step 8, so the average needs no BatchNorm re-estimation. On
-    # flowers102-small (lite0, 160 px, --budget 12, bench/snapshots.py, 3 seeds) the last 2 gave +1.5 points
+    # flowers102-small (lite0, 160 px, --budget 12, bench/snapshots.py, 4 seeds) the last 2 gave +1.1 points
     average_cycles: int = 2  # step 8: average the weights of the last N cycle ends, if better (1: off)
     keep_checkpoints: bool = False  # keep RUN/checkpoint/ after the run completes (default: removed)
     log: str | None = None  # also log epochs with fastai's logger: csv | tensorboard | wandb
@@ -661,7 +661,7 @@ def _average_cycle_ends(state: RecipeState, best_loss: float | None) -> dict:
     learn.model.load_state_dict(average_states(ends))
     res = learn.validate()
     loss, acc = float(res[0]), (float(res[1]) if len(res) > 1 else None)  # the recipe's metric: accuracy
-    kept = math.isfinite(loss) and (best_loss is None or loss < best_loss)
+    kept = ddp.broadcast_object(math.isfinite(loss) and (best_loss is None or loss < best_loss))  # rank 0's call
     if not kept:
         learn.model.load_state_dict(best)
     return {"averaged_cycles": len(ends), "averaged_valid_loss": loss, "averaged_accuracy": acc,

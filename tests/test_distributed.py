@@ -167,6 +167,7 @@ def test_recipe_killed_in_step_8_resumes_under_two_processes(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     step8 = next(s for s in metrics["steps"] if s["name"] == "full_sgdr")
     assert (step8["epochs"], step8["cycles"]) == (3, 2)  # the second cycle ran after the resume
+    assert step8["averaged_cycles"] == 2  # cycle 1's end came back from the checkpoint and was averaged
 
 
 # --------------------------------------------------------------------------------------------------------
