@@ -38,9 +38,10 @@ def predictions(learn, state: dict) -> tuple:
     """(softmax, flip-TTA softmax, targets) on the validation split with the weights `state`."""
     import torch
 
+    from fastlesson.callbacks import state_copy
     from fastlesson.export import learner_tta
 
-    keep = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    keep = state_copy(learn.model)
     learn.model.load_state_dict(state)
     plain, targs = learn.get_preds(dl=learn.dls.valid, act=lambda x: x.float().softmax(-1))
     tta, _ = learner_tta(learn)
@@ -74,14 +75,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import fastlesson.recipe as recipe
-    from fastlesson.callbacks import average_states
+    from fastlesson.callbacks import average_states, state_copy
     from fastlesson.precompute import clear_memory_cache
 
     snaps: list[dict] = []
     after = recipe._after_full_cycle
 
     def keeping(state, n_passes):  # the recipe's own hook, after each step-8 cycle's validation
-        snaps.append({k: v.detach().cpu().clone() for k, v in state.learn.model.state_dict().items()})
+        snaps.append(state_copy(state.learn.model))
         return after(state, n_passes)
 
     recipe._after_full_cycle = keeping
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
             order = 100
 
             def after_epoch(self):
-                epochs.append({k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()})
+                epochs.append(state_copy(self.learn.model))
 
         cb = EpochEnds()
         state.learn.add_cb(cb)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         learn = res.learn
         full = next(s for s in res.steps if s["name"] == "full_sgdr")
         rows = [{"what": f"recipe: best cycle end restored (epoch {full['best_epoch']} of {full['epochs']})",
-                 **scores([predictions(learn, {k: v.clone() for k, v in learn.model.state_dict().items()})])}]
+                 **scores([predictions(learn, state_copy(learn.model))])}]
         each = [predictions(learn, s) for s in snaps]  # one pass set per snapshot; ensembles reuse them
         rows += [{"what": f"cycle {i + 1} end", **scores([q])} for i, q in enumerate(each)]
         for k in range(2, len(snaps) + 1):

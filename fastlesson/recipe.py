@@ -632,19 +632,20 @@ def step_full_sgdr(state: RecipeState) -> dict:
     avg = _average_cycle_ends(state, bvl)
     if avg.get("averaged_kept"):
         numbers.update(valid_loss=avg["averaged_valid_loss"], accuracy=avg["averaged_accuracy"])
-    kept = (f"weights averaged over the last {avg['averaged_cycles']} cycle ends kept (valid loss "
-            f"{avg['averaged_valid_loss']:.3f} vs the best cycle end's {bvl:.3f})") if avg.get("averaged_kept") else (
-        f"best valid loss {'n/a' if bvl is None else f'{bvl:.3f}'} (epoch {stop['best_epoch']}) restored"
-        + (f" (the last {avg['averaged_cycles']} cycle ends averaged: {avg['averaged_valid_loss']:.3f}, not better)"
-           if avg else ""))
+        kept = (f"weights averaged over the last {avg['averaged_cycles']} cycle ends kept (valid loss "
+                f"{avg['averaged_valid_loss']:.3f} vs the best cycle end's {bvl:.3f})")
+        weights = f"weights averaged over the last {avg['averaged_cycles']} cycle ends"
+    else:
+        weights = f"restored best weights (epoch {stop['best_epoch']} of step 8)"
+        kept = f"best valid loss {'n/a' if bvl is None else f'{bvl:.3f}'} (epoch {stop['best_epoch']}) restored"
+        if avg:
+            kept += f" (the last {avg['averaged_cycles']} cycle ends averaged: {avg['averaged_valid_loss']:.3f}, not better)"
     st = steps.done(f"{stop['cycles']} cycle(s), {stop['epochs']} epochs"
                     f"{f' ({small} at {cfg.progressive} px)' if cfg.progressive else ''}; stopped: "
                     f"{stop['reason']}; {kept}",
                     lr=list(state.lrs_full), **stop, **numbers, **avg,
                     **({"progressive_px": cfg.progressive, "progressive_epochs": small} if cfg.progressive else {}),
-                    note=f"{stop['cycles']} cycle(s); stopped: {stop['reason']}; numbers of the "
-                         + (f"weights averaged over the last {avg['averaged_cycles']} cycle ends"
-                            if avg.get("averaged_kept") else f"restored best weights (epoch {stop['best_epoch']} of step 8)"))
+                    note=f"{stop['cycles']} cycle(s); stopped: {stop['reason']}; numbers of the {weights}")
     learn.remove_cbs([state.log, state.clock])
     return st
 
@@ -654,7 +655,7 @@ def _average_cycle_ends(state: RecipeState, best_loss: float | None) -> dict:
     ends' weights (at least 2 trained) is validated and kept when its validation loss is lower. {} when
     there is nothing to average; else its numbers and whether it was kept."""
     cfg, learn = state.cfg, state.learn
-    ends, state.ends = state.ends[-cfg.average_cycles:], []
+    ends, state.ends = state.ends, []  # _after_full_cycle keeps only the last cfg.average_cycles
     if cfg.average_cycles < 2 or len(ends) < 2:
         return {}
     best = state_copy(learn.model)
